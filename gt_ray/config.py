@@ -1,0 +1,332 @@
+"""Typed configuration for every stage, loaded from YAML.
+
+One YAML file per scale (``configs/tiny.yaml``, ...) holds one section per stage; each
+section mirrors one dataclass below. Defaults live here and nowhere else. Unknown keys and
+bad values raise ``ValueError`` with the offending path in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PretrainConfig:
+    """How gt-ray pretrains a model it builds from a transformers config."""
+
+    steps: int = 1500
+    """Optimizer steps on generated task data with the task parameter visible."""
+    lr: float = 1.5e-3
+    """AdamW peak learning rate (linear warmup, cosine decay)."""
+    batch_size: int = 128
+    """Examples per step."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    seed: int = 0
+    """Seed for the initial weights and the generated data."""
+    num_threads: int = 2
+    """torch threads used by the pretraining process."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "num_threads")
+        _positive(self, "lr")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+@dataclass
+class ModelSpec:
+    """One model of the pair: a local Hugging Face directory, or an architecture to build.
+
+    Exactly one of ``path`` and ``arch`` is set. With ``arch`` gt-ray builds the model
+    from a transformers config (``model_type`` plus its keyword arguments), gives it the
+    built-in character tokenizer of the task world and pretrains it (``pretrain``); the
+    result is cached on disk keyed by the hash of all of that.
+    """
+
+    path: str | None = None
+    """Local directory with a causal LM and its tokenizer (``from_pretrained`` layout)."""
+    arch: dict[str, Any] | None = None
+    """transformers config kwargs with ``model_type`` (e.g. ``llama``), used to build."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """Pretraining recipe, used only with ``arch``."""
+    dtype: str = "float32"
+    """Weights dtype when loading: float32, bfloat16 or float16."""
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.arch is None):
+            raise ValueError("exactly one of 'path' and 'arch' must be set for a model")
+        if self.arch is not None and "model_type" not in self.arch:
+            raise ValueError("'arch' needs a 'model_type' (e.g. llama, qwen2)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class LoraSpec:
+    """The one LoRA spec of the pair card, shared by every fine-tune of either model."""
+
+    rank: int = 2
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get LoRA, in the order used inside each layer token."""
+    init_seed_tiny: int = 1234
+    """Seed of the TinyLM's LoRA A init (B starts at zero)."""
+    init_seed_llm: int = 5678
+    """Seed of the LLM's LoRA A init (B starts at zero)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "alpha")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        if len(set(self.target_modules)) != len(self.target_modules):
+            raise ValueError(f"target_modules has duplicates: {self.target_modules}")
+
+
+@dataclass
+class PairConfig:
+    """The model pair: a TinyLM the organizations can afford and the provider's LLM."""
+
+    tiny: ModelSpec
+    """The small model organizations fine-tune."""
+    llm: ModelSpec
+    """The large model that receives generated updates."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA spec and init seeds (the same for every fine-tune)."""
+
+
+@dataclass
+class TaskConfig:
+    """The task world: which tasks, how datasets are drawn, and where real data lives."""
+
+    names: list[str] = field(default_factory=lambda: ["caesar", "rotate", "index", "add", "delete"])
+    """Built-in generated tasks (see gt_ray.tasks.TASKS)."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the task mixture drawn for each dataset (subset or organization)."""
+    hidden_param: bool = True
+    """Fine-tuning prompts hide the task parameter k (each dataset has one secret k)."""
+    data_files: dict[str, str] | None = None
+    """Real data instead of generated tasks: split name (public, private_train,
+    private_test) -> local JSONL or Parquet file with question/answer columns."""
+
+    def __post_init__(self) -> None:
+        from gt_ray.tasks import TASKS, SPLITS  # local import: tasks imports nothing from here
+
+        unknown = [n for n in self.names if n not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+        if not self.names:
+            raise ValueError("names must list at least one task")
+        _positive(self, "dirichlet_alpha")
+        if self.data_files is not None:
+            bad = [s for s in self.data_files if s not in SPLITS]
+            if bad:
+                raise ValueError(f"data_files keys must be among {list(SPLITS)}, got {bad}")
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD through opacus. The unit of privacy is one training example."""
+
+    enabled: bool = False
+    """Train with DP-SGD."""
+    target_epsilon: float | None = None
+    """Pick the noise multiplier for this epsilon (opacus make_private_with_epsilon)."""
+    noise_multiplier: float | None = None
+    """Or give the noise multiplier directly."""
+    delta: float = 1e-5
+    """Target delta; should be below 1 / dataset size."""
+    max_grad_norm: float = 1.0
+    """Per-example gradient clipping norm."""
+    accountant: str = "rdp"
+    """opacus accountant: rdp (safe default), prv or gdp."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("DP needs exactly one of target_epsilon and noise_multiplier")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        _positive(self, "max_grad_norm")
+        if self.accountant not in ("rdp", "prv", "gdp"):
+            raise ValueError(f"accountant must be rdp, prv or gdp, got {self.accountant!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of one model on one dataset, with update-vector snapshots."""
+
+    lr: float = 3e-3
+    """AdamW learning rate (constant). 1e-2 made updates mostly noise in the prototype."""
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Examples per step (sampled with replacement from the dataset)."""
+    n_examples: int = 256
+    """Training examples per dataset (shadow subset or organization)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on LoRA parameters."""
+    snapshot_steps: list[int] = field(default_factory=lambda: [60, 80, 100])
+    """Steps (1-based, after that step's update) at which the update vector is recorded."""
+    num_threads: int = 1
+    """torch threads per fine-tuning process."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "steps", "batch_size", "n_examples", "num_threads")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.snapshot_steps:
+            raise ValueError("snapshot_steps must list at least one step")
+        bad = [s for s in self.snapshot_steps if not 1 <= s <= self.steps]
+        if bad:
+            raise ValueError(f"snapshot_steps must be within 1..steps={self.steps}, got {bad}")
+        if sorted(set(self.snapshot_steps)) != list(self.snapshot_steps):
+            raise ValueError("snapshot_steps must be strictly increasing")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one scale needs; each job reads the sections it uses."""
+
+    pair: PairConfig
+    """The model pair and the LoRA spec."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """The task world."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning settings for shadow subsets and organizations."""
+    dp: DPConfig = field(default_factory=DPConfig)
+    """DP-SGD settings for organizations."""
+    work_dir: str = "runs/tiny"
+    """Where stage outputs go (corpus, checkpoints, results), relative to the cwd."""
+    cache_dir: str = "~/.cache/gt-ray"
+    """Cache for built and pretrained models, shared across runs."""
+    seed: int = 0
+    """Master seed of the experiment."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, recursing into nested dataclasses.
+
+    Raises:
+        ValueError: on unknown keys, missing required keys, wrong types or bad values,
+            naming the path of the offending key.
+    """
+    if not dataclasses.is_dataclass(cls):
+        return _coerce(cls, data, where)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = from_dict(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{where or 'config'}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where or 'config'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return from_dict(arg, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [from_dict(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): from_dict(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML reads 3e-3 as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:
+    """Load a YAML file into dataclass ``cls``.
+
+    Raises:
+        ValueError: if the file is missing, is not valid YAML, or does not fit ``cls``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return from_dict(cls, data or {})
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+def config_hash(obj: Any, n: int = 12) -> str:
+    """Stable short hash of a dataclass or plain data (sorted-key JSON)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")

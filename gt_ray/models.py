@@ -1,0 +1,316 @@
+"""Build or load the model pair, attach LoRA with the card's init, and the pair card.
+
+Every model ends up as a normal Hugging Face directory (config, tokenizer, safetensors):
+a ``path`` model is used where it lies, an ``arch`` model is built from a transformers
+config, pretrained on the generated task world, and cached under
+``{cache_dir}/models/{model_type}-{hash}``, rebuilt when missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from gt_ray import tasks as tasks_mod
+from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
+
+logger = logging.getLogger(__name__)
+
+CARD_VERSION = 1
+COMPLETE_MARKER = ".gt-ray-complete"
+"""Written last into a built model directory; a directory without it is rebuilt."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer of the generated task world (one token per character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(tasks_mod.VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=tasks_mod.PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tasks_mod.PAD, eos_token=tasks_mod.EOS)
+
+
+def built_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str]) -> Path:
+    """Where the built-and-pretrained model of ``spec`` is cached (keyed by its hash)."""
+    key = config_hash({"arch": spec.arch, "pretrain": asdict(spec.pretrain), "vocab": tasks_mod.VOCAB,
+                       "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION})
+    return Path(cache_dir).expanduser() / "models" / f"{spec.arch['model_type']}-{key}"
+
+
+def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
+                  on_step: Callable[[int, float], None] | None = None) -> Path:
+    """Return a local directory holding the model of ``spec``, building it if needed.
+
+    Args:
+        spec: a ``path`` spec (returned as is, after a check) or an ``arch`` spec.
+        cache_dir: cache root for built models.
+        task_names: tasks the pretraining data covers.
+        on_step: called as ``on_step(step, loss)`` during pretraining, for progress.
+
+    Raises:
+        ValueError: if a ``path`` does not hold a Hugging Face model.
+    """
+    if spec.path is not None:
+        p = Path(spec.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ValueError(f"model path {p} has no config.json: not a Hugging Face model directory")
+        return p
+    out = built_model_dir(spec, cache_dir, task_names)
+    if (out / COMPLETE_MARKER).is_file():
+        return out
+    tokenizer = build_char_tokenizer()
+    arch = dict(spec.arch)
+    model_type = arch.pop("model_type")
+    arch.setdefault("vocab_size", len(tokenizer))
+    arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+    arch.setdefault("eos_token_id", tokenizer.eos_token_id)
+    arch.setdefault("bos_token_id", None)
+    config = AutoConfig.for_model(model_type, **arch)
+    torch.manual_seed(spec.pretrain.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    logger.info("pretraining %s (%d params) for %d steps", out.name, count_params(model), spec.pretrain.steps)
+    t0 = time.time()
+    stats = pretrain(model, tokenizer, spec.pretrain, task_names, on_step)
+    stats["seconds"] = round(time.time() - t0, 1)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "gt_ray_build.json").write_text(json.dumps(
+        {"arch": spec.arch, "pretrain": asdict(spec.pretrain), "params": count_params(model), **stats},
+        indent=2, sort_keys=True))
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names: list[str],
+             on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Pretrain on generated public-split examples with the task parameter shown.
+
+    AdamW with linear warmup and cosine decay; the loss covers answer tokens only (the
+    inputs are random strings, nothing to learn there). Returns final loss figures.
+    """
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
+    model.train()
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(rng, task_names, cfg.batch_size))
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    tail = losses[-50:]
+    return {"final_loss": sum(tail) / len(tail)}
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def lm_loss(model: torch.nn.Module, batch: tasks_mod.Batch) -> torch.Tensor:
+    """Mean over examples of each example's mean answer-token NLL.
+
+    Per-example means (not a token mean over the batch) make each example's share of the
+    gradient independent of the others, which DP-SGD's per-example clipping assumes.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    labels = batch.labels[:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (B, T-1)
+    return (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path: str | Path, dtype: str = "float32"):
+    """Load a causal LM and its tokenizer from a local directory (no hub access).
+
+    Returns:
+        (model in eval mode, tokenizer with a pad token)
+    """
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSpec, seed: int) -> tuple[PeftModel, UpdateLayout, torch.Tensor]:
+    """Attach LoRA from the spec and set the card's seeded init (A seeded, B zero).
+
+    ``get_peft_model`` changes ``model`` in place. Only LoRA parameters are trainable.
+
+    Returns:
+        (peft model, its layout, the init as a ``(n_layers, d_layer)`` tensor)
+    """
+    cfg = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                     lora_dropout=0.0, bias="none")
+    peft_model = get_peft_model(model, cfg)
+    layout = derive_layout(peft_model, lora.target_modules)
+    init = seeded_lora_init(layout, seed)
+    write_lora(peft_model, layout, init)
+    return peft_model, layout, init
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 over a model directory's weight files (sorted by name)."""
+    h = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    if not files:
+        raise ValueError(f"{path}: no weight files")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One side of the pair card."""
+
+    path: str
+    weights_sha256: str
+    config_hash: str
+    n_params: int
+    init_seed: int
+    init_sha256: str
+    layout_fingerprint: str
+    n_layers: int
+    d_layer: int
+
+
+@dataclass(frozen=True)
+class PairCard:
+    """The provider's fixed pair: base models, LoRA spec, init seeds and layouts."""
+
+    tiny: ModelCard
+    llm: ModelCard
+    lora: dict[str, Any]
+    version: int = CARD_VERSION
+
+    @property
+    def card_id(self) -> str:
+        return config_hash(asdict(self), n=16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "card_id": self.card_id}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PairCard":
+        """Read a card JSON. Raises ValueError if missing, malformed or tampered with."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"pair card not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+            card_id = data.pop("card_id", None)
+            card = cls(tiny=ModelCard(**data.pop("tiny")), llm=ModelCard(**data.pop("llm")), **data)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: not a gt-ray pair card ({e})") from None
+        if card_id is not None and card_id != card.card_id:
+            raise ValueError(f"{path}: card_id {card_id} does not match its content ({card.card_id})")
+        return card
+
+
+def describe_model(path: str | Path, model: PeftModel, layout: UpdateLayout, init: torch.Tensor, seed: int) -> ModelCard:
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
+    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return ModelCard(path=str(Path(path).resolve()), weights_sha256=weights_sha256(path), config_hash=config_hash(cfg),
+                     n_params=base_params, init_seed=seed, init_sha256=tensor_sha256(init),
+                     layout_fingerprint=layout.fingerprint, n_layers=layout.n_layers, d_layer=layout.d_layer)
+
+
+@dataclass
+class LoadedModel:
+    """A model with the card's LoRA init attached, ready to fine-tune or take updates."""
+
+    model: PeftModel
+    tokenizer: Any
+    layout: UpdateLayout
+    init: torch.Tensor  # (n_layers, d_layer)
+    path: Path
+
+    def reset(self) -> None:
+        """Put the LoRA parameters back to the card's init."""
+        write_lora(self.model, self.layout, self.init)
+
+
+def load_with_lora(path: str | Path, lora: LoraSpec, seed: int, dtype: str = "float32",
+                   card: ModelCard | None = None) -> LoadedModel:
+    """Load a model directory, attach the card's LoRA init, and check it against the card.
+
+    Raises:
+        ValueError: if ``card`` is given and the local weights, layout or init differ.
+    """
+    model, tokenizer = load_model(path, dtype)
+    peft_model, layout, init = attach_lora(model, lora, seed)
+    if card is not None:
+        if card.weights_sha256 != weights_sha256(path):
+            raise ValueError(f"model at {path} is not the card's model: weights sha256 differs "
+                             f"({card.weights_sha256[:12]}... expected)")
+        if card.layout_fingerprint != layout.fingerprint:
+            raise ValueError(f"model at {path}: LoRA layout fingerprint differs from the card's")
+        if card.init_sha256 != tensor_sha256(read_lora(peft_model, layout)):
+            raise ValueError(f"model at {path}: LoRA init differs from the card's (seed {card.init_seed})")
+    return LoadedModel(peft_model, tokenizer, layout, init, Path(path))
+
+
+def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path) -> PairCard:
+    """Describe a prepared pair: weights hashes, layouts and LoRA inits of both models."""
+    sides = {}
+    for side, path, seed, spec in (("tiny", tiny_path, pair.lora.init_seed_tiny, pair.tiny),
+                                   ("llm", llm_path, pair.lora.init_seed_llm, pair.llm)):
+        lm = load_with_lora(path, pair.lora, seed, spec.dtype)
+        sides[side] = describe_model(path, lm.model, lm.layout, lm.init, seed)
+    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora))
+
+
+def load_card_side(card: PairCard, side: str, dtype: str = "float32", path: str | Path | None = None) -> LoadedModel:
+    """Load the ``tiny`` or ``llm`` model named by the card (or at ``path``) and verify it."""
+    mc = card.tiny if side == "tiny" else card.llm
+    lora = LoraSpec(**card.lora)
+    return load_with_lora(path or mc.path, lora, mc.init_seed, dtype, card=mc)

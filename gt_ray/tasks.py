@@ -1,0 +1,307 @@
+"""Task data: the built-in generated task world, real data from local files, batching.
+
+The generated world (after ``shared/TINY_WORLD.md``): five string and arithmetic tasks,
+each with a parameter ``k`` in 0..9. Pretraining prompts show ``k`` (``C3:abcde=``);
+fine-tuning prompts hide it (``C?:abcde=``). A dataset (a shadow subset or an
+organization's private data) has one secret ``k`` and a Dirichlet mixture over tasks, so
+a LoRA update has to learn the secret, and the translator has to carry it over.
+
+Inputs are split into disjoint pools by a stable hash of (task, input): ``public`` for the
+provider (pretraining and shadow corpus), ``private_train`` and ``private_test`` for the
+organizations. A pool never yields an input of another pool, at any sample size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LETTERS = "abcdefghijklmnop"
+DIGITS = "0123456789"
+N_PARAMS = 10
+"""The task parameter k takes values 0..N_PARAMS-1."""
+
+SPLITS: dict[str, tuple[float, float]] = {
+    "public": (0.0, 0.6),
+    "private_train": (0.6, 0.85),
+    "private_test": (0.85, 1.0),
+}
+"""Split name -> range of the stable input hash in [0, 1). Disjoint by construction."""
+PUBLIC_SPLITS = ("public",)
+PRIVATE_SPLITS = ("private_train", "private_test")
+
+PAD = "<pad>"
+EOS = ";"
+WORLD_VERSION = 1
+"""Bump when generated data changes, so cached pretrained models are rebuilt."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/answer pair. ``answer`` is the training target and what exact match checks."""
+
+    prompt: str
+    answer: str
+    task: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generated task: a marker character, an input sampler and a solver."""
+
+    name: str
+    marker: str
+    make_input: Callable[[random.Random], str]
+    solve: Callable[[str, int], str]
+
+
+def _letters(n: int) -> Callable[[random.Random], str]:
+    return lambda rng: "".join(rng.choice(LETTERS) for _ in range(n))
+
+
+def _caesar(s: str, k: int) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + k) % len(LETTERS)] for c in s)
+
+
+def _rotate(s: str, k: int) -> str:
+    k %= len(s)
+    return s[k:] + s[:k]
+
+
+def _delete(s: str, k: int) -> str:
+    k %= len(s)
+    return s[:k] + s[k + 1 :]
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("caesar", "C", _letters(5), _caesar),
+        Task("rotate", "R", _letters(7), _rotate),
+        Task("index", "I", _letters(10), lambda s, k: s[k]),
+        Task("add", "A", lambda rng: str(rng.randrange(10, 100)), lambda s, k: str(int(s) + k)),
+        Task("delete", "D", _letters(7), _delete),
+    ]
+}
+
+VOCAB: list[str] = [PAD] + list(LETTERS) + list(DIGITS) + [t.marker for t in TASKS.values()] + list(":=?;")
+"""The character vocabulary of the generated world (index 0 is padding)."""
+
+
+def input_split(task: str, text: str) -> str:
+    """The split an input belongs to, from a stable hash (independent of any seed)."""
+    h = int.from_bytes(hashlib.sha256(f"{task}|{text}".encode()).digest()[:8], "big") / 2**64
+    for name, (lo, hi) in SPLITS.items():
+        if lo <= h < hi:
+            return name
+    raise AssertionError("SPLITS must cover [0, 1)")
+
+
+def make_example(task: Task, text: str, k: int, show_k: bool) -> Example:
+    """The example for input ``text`` and parameter ``k``; ``show_k`` puts k in the prompt."""
+    shown = str(k) if show_k else "?"
+    return Example(prompt=f"{task.marker}{shown}:{text}=", answer=task.solve(text, k) + EOS, task=task.name)
+
+
+def sample_input(task: Task, split: str, rng: random.Random, max_tries: int = 10_000) -> str:
+    """Draw an input of ``task`` that lies in ``split`` (rejection sampling)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    for _ in range(max_tries):
+        text = task.make_input(rng)
+        if input_split(task.name, text) == split:
+            return text
+    raise RuntimeError(f"no input of task {task.name} found in split {split} after {max_tries} tries")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What one dataset teaches: its split, secret k, task mixture, size and seed."""
+
+    split: str
+    secret_k: int
+    mixture: dict[str, float]
+    n: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def draw_dataset_spec(
+    rng: random.Random, split: str, task_names: Sequence[str], n: int, dirichlet_alpha: float
+) -> DatasetSpec:
+    """Draw a secret k and a Dirichlet(alpha) task mixture for a new dataset."""
+    gammas = [rng.gammavariate(dirichlet_alpha, 1.0) for _ in task_names]
+    total = sum(gammas) or 1.0
+    mixture = {name: g / total for name, g in zip(task_names, gammas)}
+    return DatasetSpec(split=split, secret_k=rng.randrange(N_PARAMS), mixture=mixture, n=n, seed=rng.randrange(2**31))
+
+
+def generate_dataset(spec: DatasetSpec, show_k: bool = False, split: str | None = None, n: int | None = None) -> list[Example]:
+    """The examples of a dataset: ``spec.n`` draws from its mixture, with its secret k.
+
+    Args:
+        spec: the dataset.
+        show_k: put k in the prompts (pretraining style) instead of ``?``.
+        split: draw from this split instead of ``spec.split`` (an organization's test data
+            uses ``private_test`` with the same secret and mixture).
+        n: number of examples instead of ``spec.n``.
+    """
+    split = split or spec.split
+    n = spec.n if n is None else n
+    rng = random.Random(f"{spec.seed}|{split}")
+    names = list(spec.mixture)
+    weights = [spec.mixture[t] for t in names]
+    out = []
+    for _ in range(n):
+        task = TASKS[rng.choices(names, weights)[0]]
+        out.append(make_example(task, sample_input(task, split, rng), spec.secret_k, show_k))
+    return out
+
+
+def generate_pretraining_batch(rng: random.Random, task_names: Sequence[str], n: int) -> list[Example]:
+    """Pretraining examples from the public split, uniform over tasks and k, k shown."""
+    out = []
+    for _ in range(n):
+        task = TASKS[rng.choice(list(task_names))]
+        out.append(make_example(task, sample_input(task, "public", rng), rng.randrange(N_PARAMS), True))
+    return out
+
+
+# ----------------------------------------------------------------------------- real data
+
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def final_answer(answer: str) -> str:
+    """The final answer of a GSM8K-style solution (text after ``####``), else the text."""
+    m = _GSM8K_FINAL.search(answer)
+    return m.group(1).replace(",", "") if m else answer.strip()
+
+
+def load_examples(path: str | Path, question_key: str = "question", answer_key: str = "answer",
+                  template: str = "Question: {question}\nAnswer:", final_only: bool = False) -> list[Example]:
+    """Load question/answer rows from a local JSONL or Parquet file.
+
+    Args:
+        path: a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file.
+        question_key, answer_key: column names.
+        template: prompt template with a ``{question}`` field.
+        final_only: train on the final answer only (text after ``####``) instead of the
+            whole solution.
+
+    Returns:
+        Examples with ``answer`` = " " + answer text (the tokenizer's EOS is appended at
+        encoding time).
+
+    Raises:
+        ValueError: if the file is missing, unreadable, or lacks the columns.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data file not found: {p}")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise ValueError(f"{p}: not a readable Parquet file ({e})") from None
+    elif p.suffix in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+    else:
+        raise ValueError(f"{p}: unsupported data file type {p.suffix!r} (use .jsonl or .parquet)")
+    if not rows:
+        raise ValueError(f"{p}: no rows")
+    out = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or question_key not in row or answer_key not in row:
+            raise ValueError(f"{p}: row {i} lacks '{question_key}' or '{answer_key}'")
+        ans = str(row[answer_key])
+        ans = final_answer(ans) if final_only else ans
+        out.append(Example(prompt=template.format(question=row[question_key]), answer=" " + ans, task=p.stem))
+    return out
+
+
+# ------------------------------------------------------------------------- batching
+
+@dataclass
+class Batch:
+    """Token ids of prompt+answer, right-padded; labels are -100 outside the answer."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): next-token targets aligned with input_ids, -100 = ignore
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_length: int | None = None) -> Batch:
+    """Tokenize examples with the model's own tokenizer into one right-padded batch.
+
+    The answer ends with the tokenizer's EOS (appended when it does not already end so).
+    Raises ValueError if an example is longer than ``max_length``.
+    """
+    if not examples:
+        raise ValueError("no examples to encode")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    seqs, labs = [], []
+    for ex in examples:
+        p = tokenizer(ex.prompt, add_special_tokens=False).input_ids
+        a = tokenizer(ex.answer, add_special_tokens=False).input_ids
+        if eos is not None and (not a or a[-1] != eos):
+            a = a + [eos]
+        seqs.append(p + a)
+        labs.append([-100] * len(p) + a)
+    T = max(len(s) for s in seqs)
+    if max_length is not None and T > max_length:
+        raise ValueError(f"example of {T} tokens exceeds max_length={max_length}")
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, : len(l)] = torch.tensor(l)
+    return Batch(ids, mask, labels)
+
+
+def answer_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example answer NLL sum, answer token count and exact match, from teacher forcing.
+
+    Greedy decoding reproduces the answer exactly iff, with the true prefix fed in, the
+    argmax at every answer position is the true token (induction over positions), so exact
+    match comes from one forward pass. The answer ends with EOS, so stopping is checked too.
+
+    Args:
+        logits: (B, T, V) next-token logits for input positions.
+        labels: (B, T) answer token ids at their positions, -100 elsewhere.
+
+    Returns:
+        nll_sum (B,), n_tokens (B,), exact (B,) bool.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V) predicts position t+1
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    mask = shift_labels != -100
+    logp = torch.log_softmax(shift_logits, dim=-1)
+    tgt = shift_labels.clamp(min=0)
+    nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask  # (B, T-1)
+    correct = (shift_logits.argmax(-1) == tgt) | ~mask
+    return nll.sum(1), mask.sum(1), correct.all(1)

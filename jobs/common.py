@@ -1,0 +1,110 @@
+"""What every job shares: config loading, logging, threads, the local Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gt_ray.config import ExperimentConfig, load_yaml
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file): printed without a traceback."""
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
+    return p
+
+
+def load_config(path: str) -> ExperimentConfig:
+    try:
+        return load_yaml(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def work_dir(cfg: ExperimentConfig) -> Path:
+    p = Path(cfg.work_dir)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def kv(**items: Any) -> None:
+    """One ``key=value`` progress line on stdout."""
+    print(" ".join(f"{k}={_fmt(v)}" for k, v in items.items()), flush=True)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+    return path
+
+
+def local_ray_env() -> dict[str, str]:
+    """Environment for the embedded local cluster: loopback only, no auth, no usage stats.
+
+    Applied by :func:`init_local_ray` before ray is imported (see shared/RAY_NOTES.md).
+    """
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None):
+    """Connect to ``address`` (a real cluster, or RAY_ADDRESS), or start a local one.
+
+    A local cluster binds to 127.0.0.1 only and gets a modest object store.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        for k, v in local_ray_env().items():
+            os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address is None:
+        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+                 _temp_dir=temp_dir, log_to_driver=True)
+    else:
+        ray.init(address=address)
+    return ray
+
+
+def run_main(fn, argv=None) -> int:
+    """Run a job's main, turning user mistakes into one clear line and exit code 2."""
+    setup_logging()
+    try:
+        fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,134 @@
+"""Prepare the model pair: build and pretrain (or locate) both models, write the pair card.
+
+    gt-ray pair prepare --config configs/tiny.yaml
+    gt-ray pair report  --config configs/tiny.yaml   # the README's pair table
+
+Pretraining runs in this process (a few CPU minutes at tiny scale) and is cached on disk
+keyed by the model's config hash, so a rerun takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gt_ray import tasks
+from gt_ray.config import ExperimentConfig
+from gt_ray.evaluate import score_model
+from gt_ray.finetune import finetune
+from gt_ray.models import PairCard, built_model_dir, load_card_side, make_pair_card, prepare_model
+from jobs.common import base_parser, kv, load_config, run_main, work_dir, write_json
+
+CARD_FILE = "pair_card.json"
+REPORT_FILE = "pair_report.json"
+
+
+def prepare(cfg: ExperimentConfig) -> PairCard:
+    """Build or find both models and write ``{work_dir}/pair_card.json``."""
+    paths = {}
+    for side in ("tiny", "llm"):
+        spec = getattr(cfg.pair, side)
+        if spec.arch is not None and not (built_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / ".gt-ray-complete").exists():
+            torch.set_num_threads(spec.pretrain.num_threads)
+            bar = tqdm(total=spec.pretrain.steps, desc=f"pretrain {side}", unit="step", mininterval=2)
+
+            def on_step(step: int, loss: float, bar=bar) -> None:
+                bar.update(1)
+                if step % 50 == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+
+            t0 = time.time()
+            paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
+            bar.close()
+            kv(stage="pretrain", model=side, seconds=round(time.time() - t0, 1), path=paths[side])
+        else:
+            paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names)
+    card = make_pair_card(cfg.pair, paths["tiny"], paths["llm"])
+    card.save(work_dir(cfg) / CARD_FILE)
+    kv(stage="pair", card=work_dir(cfg) / CARD_FILE, card_id=card.card_id,
+       tiny_layout=f"{card.tiny.n_layers}x{card.tiny.d_layer}", llm_layout=f"{card.llm.n_layers}x{card.llm.d_layer}")
+    return card
+
+
+def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
+    """The pair card of ``cfg``, preparing the pair if the card is missing or stale."""
+    path = work_dir(cfg) / CARD_FILE
+    if path.is_file():
+        card = PairCard.load(path)
+        tiny_ok = cfg.pair.tiny.path is not None or Path(card.tiny.path) == built_model_dir(cfg.pair.tiny, cfg.cache_dir, cfg.tasks.names).resolve()
+        llm_ok = cfg.pair.llm.path is not None or Path(card.llm.path) == built_model_dir(cfg.pair.llm, cfg.cache_dir, cfg.tasks.names).resolve()
+        if tiny_ok and llm_ok and Path(card.tiny.path).is_dir() and Path(card.llm.path).is_dir():
+            return card
+    return prepare(cfg)
+
+
+def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300) -> dict:
+    """Accuracy of both models per task: k shown (pretraining ability), k hidden before
+    and after LoRA fine-tuning on a single-task dataset with a secret k (public split)."""
+    torch.set_num_threads(2)
+    rows = {}
+    models = {side: load_card_side(card, side) for side in ("tiny", "llm")}
+    rng = random.Random(cfg.seed)
+    t0 = time.time()
+    for name in cfg.tasks.names:
+        row = {}
+        for side, lm in models.items():
+            shown, before, after = [], [], []
+            for _ in range(n_datasets):
+                spec = tasks.DatasetSpec("public", rng.randrange(tasks.N_PARAMS), {name: 1.0}, cfg.finetune.n_examples, rng.randrange(2**31))
+                test_spec = tasks.DatasetSpec("public", spec.secret_k, {name: 1.0}, n_test, spec.seed + 1)
+                lm.reset()
+                shown.append(score_model(lm.model, lm.tokenizer, tasks.generate_dataset(test_spec, show_k=True)).accuracy)
+                test = tasks.generate_dataset(test_spec)
+                before.append(score_model(lm.model, lm.tokenizer, test).accuracy)
+                finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
+                after.append(score_model(lm.model, lm.tokenizer, test).accuracy)
+            row[side] = {"k_shown": _mean(shown), "hidden_before": _mean(before), "hidden_after_ft": _mean(after)}
+            kv(stage="report", task=name, model=side, **{k: round(v, 3) for k, v in row[side].items()})
+        rows[name] = row
+    builds = {side: json.loads((Path(getattr(card, side).path) / "gt_ray_build.json").read_text())
+              if (Path(getattr(card, side).path) / "gt_ray_build.json").is_file() else {} for side in ("tiny", "llm")}
+    out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
+           "models": {side: {"params": getattr(card, side).n_params, "layout": [getattr(card, side).n_layers, getattr(card, side).d_layer],
+                             "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss")}
+                      for side in ("tiny", "llm")},
+           "report_seconds": round(time.time() - t0, 1)}
+    return out
+
+
+def format_report(rep: dict) -> str:
+    lines = ["| model | params | LoRA layout | pretrain time |", "|---|---|---|---|"]
+    for side, m in rep["models"].items():
+        lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {m['pretrain_seconds']} s |")
+    lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
+              "|---|---|---|---|---|---|---|"]
+    for name, row in rep["tasks"].items():
+        t, l = row["tiny"], row["llm"]
+        lines.append(f"| {name} | {t['k_shown']:.3f} | {t['hidden_before']:.3f} | {t['hidden_after_ft']:.3f} | "
+                     f"{l['k_shown']:.3f} | {l['hidden_before']:.3f} | {l['hidden_after_ft']:.3f} |")
+    return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def main(argv=None) -> None:
+    p = base_parser("Prepare the model pair and its card")
+    p.add_argument("action", nargs="?", default="prepare", choices=["prepare", "report"])
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
+    if args.action == "report":
+        rep = report(cfg, card)
+        write_json(work_dir(cfg) / REPORT_FILE, rep)
+        print(format_report(rep))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

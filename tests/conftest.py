@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny seeded models built from configs (no download, no pretraining)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gt_ray.config import LoraSpec, ModelSpec, PretrainConfig
+from gt_ray.models import prepare_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_NAMES = ["caesar", "index", "add"]
+
+
+def tiny_spec(hidden=32, layers=2, heads=4, kv_heads=4, ffn=64, steps=2) -> ModelSpec:
+    return ModelSpec(arch=dict(model_type="llama", hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                               tie_word_embeddings=False),
+                     pretrain=PretrainConfig(steps=steps, warmup_steps=0, batch_size=8, seed=0))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(model_cache) -> Path:
+    """A 2-layer, 32-wide Llama with the character tokenizer."""
+    torch.set_num_threads(2)
+    return prepare_model(tiny_spec(), model_cache, TASK_NAMES)
+
+
+@pytest.fixture(scope="session")
+def gqa_path(model_cache) -> Path:
+    """A 3-layer, 48-wide Llama with grouped-query attention: v_proj narrower than q_proj."""
+    return prepare_model(tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96), model_cache, TASK_NAMES)
+
+
+@pytest.fixture
+def lora() -> LoraSpec:
+    return LoraSpec(rank=2, alpha=16, target_modules=["q_proj", "v_proj"], init_seed_tiny=7, init_seed_llm=8)

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from gt_ray.config import (DPConfig, ExperimentConfig, FinetuneConfig, LoraSpec, ModelSpec, from_dict, load_yaml)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_loads(path):
+    cfg = load_yaml(path)
+    assert isinstance(cfg, ExperimentConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), "each config starts with a comment naming the command that uses it"
+
+
+def test_unknown_key_names_its_path():
+    with pytest.raises(ValueError, match=r"finetune: unknown key\(s\) \['stepz'\]"):
+        from_dict(ExperimentConfig, {"pair": {"tiny": {"path": "a"}, "llm": {"path": "b"}}, "finetune": {"stepz": 3}})
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ValueError, match=r"finetune.steps: expected an integer, got 'ten'"):
+        from_dict(ExperimentConfig, {"pair": {"tiny": {"path": "a"}, "llm": {"path": "b"}}, "finetune": {"steps": "ten"}})
+
+
+def test_missing_pair_is_refused():
+    with pytest.raises(ValueError, match="pair"):
+        from_dict(ExperimentConfig, {})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ModelSpec(), "exactly one of 'path' and 'arch'"),
+    (lambda: ModelSpec(path="x", arch={"model_type": "llama"}), "exactly one of 'path' and 'arch'"),
+    (lambda: ModelSpec(arch={"hidden_size": 3}), "needs a 'model_type'"),
+    (lambda: LoraSpec(rank=0), "rank must be > 0"),
+    (lambda: LoraSpec(target_modules=["q_proj", "q_proj"]), "duplicates"),
+    (lambda: FinetuneConfig(steps=10, snapshot_steps=[5, 11]), r"snapshot_steps must be within 1..steps=10"),
+    (lambda: FinetuneConfig(snapshot_steps=[80, 60]), "strictly increasing"),
+    (lambda: DPConfig(enabled=True), "exactly one of target_epsilon and noise_multiplier"),
+    (lambda: DPConfig(delta=2.0), r"delta must be in \(0, 1\)"),
+])
+def test_bad_values_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="config file not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pair: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_yaml(bad)
+
+
+def test_yaml_numbers_in_e_notation(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pair: {tiny: {path: a}, llm: {path: b}}\nfinetune: {lr: 3e-3}\n")
+    assert load_yaml(p).finetune.lr == pytest.approx(3e-3)

@@ -1,0 +1,40 @@
+"""The library runs without Ray: gt_ray never imports ray (only jobs/ and serve/ may)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gt_ray_source_never_imports_ray_or_jobs():
+    for path in (ROOT / "gt_ray").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in ("ray", "jobs", "serve"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_importing_every_gt_ray_module_loads_no_ray():
+    modules = sorted(p.stem for p in (ROOT / "gt_ray").glob("*.py") if p.stem != "__init__")
+    code = ("import sys\n" + "".join(f"import gt_ray.{m}\n" for m in modules)
+            + "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\nprint(len(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_no_unsafe_deserialization():
+    for folder in ("gt_ray", "jobs", "serve"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "pickle.load" not in text, path
+            for line in text.splitlines():
+                if "torch.load(" in line:
+                    assert "weights_only=True" in line, f"{path}: {line.strip()}"
