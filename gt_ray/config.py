@@ -200,6 +200,31 @@ class FinetuneConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """The shadow corpus build (Ray Train workers, one shard per shadow subset)."""
+
+    n_subsets: int = 160
+    """Shadow subsets drawn from the public split."""
+    num_workers: int = 2
+    """Ray Train workers; each takes subsets rank, rank + world, ..."""
+    use_gpu: bool = False
+    """Give each worker a GPU (real clusters)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; torch uses this many threads (at least 1)."""
+    max_failures: int = 3
+    """Ray Train FailureConfig: restarts of the worker group after a worker dies."""
+    storage_path: str | None = None
+    """Where the corpus goes; default ``{work_dir}/corpus``."""
+    seed: int = 1000
+    """Seed of the subset plan (subset i depends only on this seed and i)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_subsets", "num_workers", "cpus_per_worker")
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one scale needs; each job reads the sections it uses."""
 
@@ -211,6 +236,8 @@ class ExperimentConfig:
     """Fine-tuning settings for shadow subsets and organizations."""
     dp: DPConfig = field(default_factory=DPConfig)
     """DP-SGD settings for organizations."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The shadow corpus build."""
     work_dir: str = "runs/tiny"
     """Where stage outputs go (corpus, checkpoints, results), relative to the cwd."""
     cache_dir: str = "~/.cache/gt-ray"
@@ -220,6 +247,10 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def corpus_dir(self) -> str:
+        return self.corpus.storage_path or str(Path(self.work_dir) / "corpus")
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

@@ -89,7 +89,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     if ray.is_initialized():
         return ray
     if address is None:
-        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+        # The dashboard process serves the state API, which Ray Train's controller polls.
+        ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, dashboard_host="127.0.0.1",
                  _temp_dir=temp_dir, log_to_driver=True)
     else:
         ray.init(address=address)

@@ -30,7 +30,6 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_path(model_cache) -> Path:
     """A 2-layer, 32-wide Llama with the character tokenizer."""
-    torch.set_num_threads(2)
     return prepare_model(tiny_spec(), model_cache, TASK_NAMES)
 
 
@@ -43,3 +42,27 @@ def gqa_path(model_cache) -> Path:
 @pytest.fixture
 def lora() -> LoraSpec:
     return LoraSpec(rank=2, alpha=16, target_modules=["q_proj", "v_proj"], init_seed_tiny=7, init_seed_llm=8)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 cores: a second thread only adds contention with Ray workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster per test module, loopback only (see shared/RAY_NOTES.md)."""
+    import shutil
+    import tempfile
+
+    from jobs.common import init_ray
+
+    temp = tempfile.mkdtemp(prefix="gtr-", dir="/tmp")  # short: Ray's unix sockets need it
+    ray = init_ray(num_cpus=2, temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

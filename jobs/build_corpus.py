@@ -1,0 +1,120 @@
+"""Build the shadow corpus with Ray Train workers.
+
+    gt-ray corpus build --config configs/tiny.yaml [--address ray://...]
+    gt-ray corpus stats --config configs/tiny.yaml
+
+Each worker takes shadow subsets ``rank, rank + world, ...``, fine-tunes the TinyLM and
+the LLM from the pair card's LoRA init on each, and writes one Parquet shard per subset.
+Shards appear only complete, so a rerun (or Ray Train's restart after a worker dies)
+skips finished subsets. Only the public split is read: see ``gt_ray.corpus.SHADOW_SPLIT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gt_ray.config import ExperimentConfig, from_dict
+from gt_ray.corpus import (Corpus, completed_subsets, corpus_schema, corpus_stats, finetune_pair, plan_subsets,
+                           subset_config, write_manifest, write_shard)
+from gt_ray.models import PairCard, load_card_side
+from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir
+from jobs.prepare_pair import load_or_prepare_card
+
+
+# ----------------------------------------------------------------------------- per worker
+
+def corpus_worker(config: dict) -> None:
+    """Ray Train worker: fine-tune this rank's share of subsets and write their shards."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
+    card = PairCard.load(config["card_path"])
+    torch.set_num_threads(max(1, int(cfg.corpus.cpus_per_worker)))
+    out = Path(config["out_dir"])
+    todo = [s for s in plan_subsets(cfg, cfg.corpus.n_subsets, cfg.corpus.seed)
+            if s.subset_id % world == rank and s.subset_id not in completed_subsets(out)]
+    if todo:
+        tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+        schema = corpus_schema(card)
+        t0 = time.time()
+        for i, subset in enumerate(todo, 1):
+            write_shard(out, subset.subset_id, finetune_pair(tiny, llm, subset, cfg.finetune), schema)
+            print(f"corpus_worker rank={rank} subset={subset.subset_id} done={i}/{len(todo)} "
+                  f"s_per_subset={(time.time() - t0) / i:.2f}", flush=True)
+    ray.train.report({"rank": rank, "written": len(todo)})  # a barrier: every rank reports once
+
+
+# ----------------------------------------------------------------------------- driver
+
+def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> dict:
+    """Run the Ray Train job until every subset has a shard, then write the manifest."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(cfg.corpus_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    card_path = card.save(out / "pair_card.json")
+    n = cfg.corpus.n_subsets
+    before = len(completed_subsets(out) & set(range(n)))
+    if before < n:
+        init_ray(address)
+        resources = {"CPU": cfg.corpus.cpus_per_worker, **({"GPU": 1} if cfg.corpus.use_gpu else {})}
+        trainer = TorchTrainer(
+            corpus_worker,
+            train_loop_config={"experiment": dataclasses.asdict(cfg), "card_path": str(card_path), "out_dir": str(out)},
+            scaling_config=ScalingConfig(num_workers=cfg.corpus.num_workers, use_gpu=cfg.corpus.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=f"corpus-{card.card_id}", storage_path=str((work_dir(cfg) / "ray_results").resolve()),
+                                 failure_config=FailureConfig(max_failures=cfg.corpus.max_failures)),
+        )
+        stop = threading.Event()
+        monitor = threading.Thread(target=_progress, args=(out, n, before, len(cfg.finetune.snapshot_steps), stop), daemon=True)
+        monitor.start()
+        t0 = time.time()
+        try:
+            trainer.fit()
+        finally:
+            stop.set()
+            monitor.join()
+        kv(stage="corpus", subsets=n, built=n - before, seconds=round(time.time() - t0, 1),
+           pairs_per_min=round((n - before) * len(cfg.finetune.snapshot_steps) / max(1e-9, (time.time() - t0) / 60), 1))
+    manifest = write_manifest(out, card, subset_config(cfg), n)
+    kv(stage="corpus", status="complete", subsets=manifest["n_subsets"], rows=manifest["n_rows"], path=out)
+    return manifest
+
+
+def _progress(out: Path, total: int, before: int, rows_per_subset: int, stop: threading.Event, every: float = 10.0) -> None:
+    t0 = time.time()
+    while not stop.wait(every):
+        done = len(completed_subsets(out) & set(range(total)))
+        minutes = (time.time() - t0) / 60
+        kv(stage="corpus", done=done, total=total, pairs_per_min=round((done - before) * rows_per_subset / minutes, 1))
+
+
+def load_corpus(cfg: ExperimentConfig) -> Corpus:
+    try:
+        return Corpus(cfg.corpus_dir)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv=None) -> None:
+    p = base_parser("Build or inspect the shadow corpus")
+    p.add_argument("action", choices=["build", "stats"])
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.action == "build":
+        build(cfg, load_or_prepare_card(cfg), args.address)
+    else:
+        stats = corpus_stats(load_corpus(cfg))
+        for key, value in stats.items():
+            print(f"{key}: {json.dumps(value)}")

@@ -1,0 +1,144 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gt_ray import corpus as corpus_mod
+from gt_ray import tasks
+from gt_ray.config import ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
+from gt_ray.corpus import (Corpus, CorpusDataset, ShadowSubset, completed_subsets, corpus_schema, corpus_stats,
+                           finetune_pair, plan_subsets, read_shard, split_by_subset, write_manifest, write_shard)
+from gt_ray.models import load_card_side, make_pair_card
+from tests.conftest import TASK_NAMES, tiny_spec
+
+FT = FinetuneConfig(lr=3e-3, steps=6, batch_size=8, n_examples=32, snapshot_steps=[4, 6])
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
+    return ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT)
+
+
+@pytest.fixture(scope="module")
+def card(cfg, tiny_path, gqa_path):
+    return make_pair_card(cfg.pair, tiny_path, gqa_path)
+
+
+@pytest.fixture(scope="module")
+def built(cfg, card, tmp_path_factory):
+    """A 4-subset corpus built in-process, with the rows the 'worker' produced."""
+    out = tmp_path_factory.mktemp("corpus")
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    produced = {}
+    for subset in plan_subsets(cfg, 4, seed=5):
+        rows = finetune_pair(tiny, llm, subset, FT)
+        produced[subset.subset_id] = rows
+        write_shard(out, subset.subset_id, rows, corpus_schema(card))
+    write_manifest(out, card, {"test": True}, 4)
+    return out, produced
+
+
+def test_plan_uses_public_split_only(cfg):
+    subsets = plan_subsets(cfg, 20, seed=5)
+    assert all(s.spec.split == "public" for s in subsets)
+    assert plan_subsets(cfg, 30, seed=5)[:20] == subsets  # growing keeps earlier subsets
+    private = tasks.DatasetSpec("private_train", 1, {"add": 1.0}, 8, 1)
+    with pytest.raises(ValueError, match="the shadow corpus may only use"):
+        ShadowSubset(0, private)
+
+
+def test_building_never_touches_the_private_split(cfg, card, monkeypatch):
+    seen = []
+    real = tasks.sample_input
+
+    def spy(task, split, rng, max_tries=10_000):
+        seen.append(split)
+        return real(task, split, rng, max_tries)
+
+    monkeypatch.setattr(tasks, "sample_input", spy)
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    finetune_pair(tiny, llm, plan_subsets(cfg, 1, seed=9)[0], FT)
+    assert seen and set(seen) == {"public"}
+
+
+def test_shards_read_back_bit_identical(built):
+    out, produced = built
+    corpus = Corpus(out)
+    assert corpus.subset_ids == [0, 1, 2, 3]
+    data = corpus.load()
+    assert data["tiny"].shape == (8, 2, 256) and data["llm"].shape == (8, 3, 320)
+    for i in range(8):
+        row = produced[int(data["subset_id"][i])][[4, 6].index(int(data["step"][i]))]
+        assert torch.equal(data["tiny"][i].reshape(-1), torch.tensor(row["tiny"], dtype=torch.float32))
+        assert torch.equal(data["llm"][i].reshape(-1), torch.tensor(row["llm"], dtype=torch.float32))
+    streamed = list(CorpusDataset(corpus, subset_ids=[1, 3], batch_rows=3))
+    sel = (data["subset_id"] == 1) | (data["subset_id"] == 3)
+    assert len(streamed) == int(sel.sum())
+    torch.testing.assert_close(torch.stack([t for t, _ in streamed]), data["tiny"][sel], rtol=0, atol=0)
+
+
+def test_rows_are_checked(built, card, tmp_path):
+    out, produced = built
+    rows = [dict(r) for r in produced[0]]
+    rows[1]["llm"] = rows[0]["llm"]
+    p = write_shard(tmp_path, 0, rows, corpus_schema(card))
+    with pytest.raises(ValueError, match="repeated llm update vectors"):
+        corpus_mod.check_rows(read_shard(p, card), p.name)
+    rows = [dict(r) for r in produced[0]]
+    rows[0]["tiny"] = [0.0] * len(rows[0]["tiny"])
+    p = write_shard(tmp_path, 0, rows, corpus_schema(card))
+    with pytest.raises(ValueError, match=r"zero tiny update vector in row\(s\) \[0\]"):
+        corpus_mod.check_rows(read_shard(p, card), p.name)
+
+
+def test_corrupt_and_mismatched_shards_are_reported(built, card, cfg, tiny_path, tmp_path):
+    out, _ = built
+    copy = tmp_path / "c"
+    copy.mkdir()
+    for f in out.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    shard = copy / "shard-00002.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corpus shard shard-00002.parquet is corrupt: sha256 differs"):
+        Corpus(copy)
+    shard.write_bytes(b"PAR1 garbage")
+    with pytest.raises(ValueError, match="shard-00002.parquet: corrupt or unreadable Parquet shard"):
+        read_shard(shard, card)
+    (copy / "shard-00001.parquet").unlink()
+    with pytest.raises(ValueError, match="corpus shard shard-00001.parquet is missing"):
+        Corpus(copy)
+    other = make_pair_card(cfg.pair, tiny_path, tiny_path)  # another LLM: other layout
+    with pytest.raises(ValueError, match="does not match the pair card's"):
+        read_shard(out / "shard-00000.parquet", other)
+    with pytest.raises(ValueError, match="incomplete: 1 subset"):
+        write_manifest(copy, card, {}, 4)
+
+
+def test_schema_metadata_has_shapes(built):
+    out, _ = built
+    meta = json.loads(pq.read_schema(out / "shard-00000.parquet").metadata[b"gt_ray"])
+    assert meta["tiny_shape"] == [2, 256] and meta["llm_shape"] == [3, 320]
+
+
+def test_completed_subsets_ignores_temporary_files(tmp_path):
+    (tmp_path / ".shard-00003.parquet.tmp-abcd").write_bytes(b"half")
+    (tmp_path / "shard-00001.parquet").write_bytes(b"x")
+    assert completed_subsets(tmp_path) == {1}
+
+
+def test_split_by_subset_has_no_overlap():
+    train, val = split_by_subset(range(40), 0.2, seed=3)
+    assert not set(train) & set(val) and len(val) == 8 and sorted(train + val) == list(range(40))
+    with pytest.raises(ValueError, match="need at least 2 subsets"):
+        split_by_subset([1], 0.2, 0)
+
+
+def test_stats(built):
+    stats = corpus_stats(Corpus(built[0]))
+    assert stats["n_subsets"] == 4 and stats["n_rows"] == 8 and stats["steps"] == [4, 6]
+    assert len(stats["llm_layer_norm_mean"]) == 3
+    assert -1 <= stats["llm_mean_cos_between_subsets"] <= 1
