@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gt_ray.translator import TrainConfig
+
 
 @dataclass
 class PretrainConfig:
@@ -224,6 +226,77 @@ class CorpusConfig:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
+def _default_translator_model() -> dict[str, Any]:
+    return {"d_model": 128, "num_layers": 2, "num_heads": 4, "d_ff": 512, "dropout": 0.1, "normalization": "coordinate"}
+
+
+@dataclass
+class TranslatorSection:
+    """Training the Grad-Transformer on the shadow corpus (Ray Train, data parallel)."""
+
+    model: dict[str, Any] = field(default_factory=_default_translator_model)
+    """gt_ray.translator.TranslatorConfig fields except the layouts (taken from the corpus)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, max_epochs=200, patience=20))
+    """Optimization (gt_ray.translator.TrainConfig)."""
+    val_fraction: float = 0.2
+    """Fraction of shadow subsets held out for validation (split by subset, never by row)."""
+    num_workers: int = 1
+    """Ray Train data-parallel workers."""
+    use_gpu: bool = False
+    """Train on GPUs (real clusters)."""
+    best_config: str | None = None
+    """YAML written by ``gt-ray translator tune``; its model/train values override these.
+    Default: ``{work_dir}/translator_best.yaml`` when that file exists."""
+
+    def __post_init__(self) -> None:
+        from gt_ray.translator import TranslatorConfig
+
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _positive(self, "num_workers")
+        bad = {"d_tiny", "L_tiny", "d_llm", "L_llm"} & set(self.model)
+        if bad:
+            raise ValueError(f"model must not set the layouts {sorted(bad)}: they come from the corpus")
+        try:
+            TranslatorConfig(d_tiny=1, L_tiny=1, d_llm=1, L_llm=1, **self.model)
+        except TypeError as e:
+            raise ValueError(f"model: {e}") from None
+
+
+@dataclass
+class SweepConfig:
+    """The Ray Tune search over the translator's hyperparameters (ASHA early stopping)."""
+
+    num_samples: int = 6
+    """Trials drawn from the search space."""
+    max_concurrent_trials: int = 2
+    """Trials at once (bounded by the machine's CPUs too)."""
+    max_epochs: int = 40
+    """Epochs per trial at most (ASHA's max_t)."""
+    grace_period: int = 5
+    """Epochs before ASHA may stop a trial."""
+    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
+    """Log-uniform learning-rate bounds [low, high]."""
+    d_model: list[int] = field(default_factory=lambda: [64, 128])
+    """Widths to choose from."""
+    num_layers: list[int] = field(default_factory=lambda: [1, 2])
+    """Depths to choose from."""
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    """Dropout rates to choose from."""
+    batch_size: list[int] = field(default_factory=lambda: [16, 32])
+    """Batch sizes to choose from."""
+    seed: int = 0
+    """Seed of the search."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_samples", "max_concurrent_trials", "max_epochs", "grace_period")
+        if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError(f"lr must be [low, high] with 0 < low <= high, got {self.lr}")
+        for name in ("d_model", "num_layers", "dropout", "batch_size"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must list at least one value")
+
+
 @dataclass
 class ExperimentConfig:
     """Everything one scale needs; each job reads the sections it uses."""
@@ -238,6 +311,10 @@ class ExperimentConfig:
     """DP-SGD settings for organizations."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The shadow corpus build."""
+    translator: TranslatorSection = field(default_factory=TranslatorSection)
+    """The Grad-Transformer and its training."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The hyperparameter search."""
     work_dir: str = "runs/tiny"
     """Where stage outputs go (corpus, checkpoints, results), relative to the cwd."""
     cache_dir: str = "~/.cache/gt-ray"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Callable, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -736,6 +736,8 @@ def train_translator(
     model_config: TranslatorConfig | None = None,
     on_epoch: EpochCallback | None = None,
     device: str | torch.device = "cpu",
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    prepare_train_loader: Callable[[DataLoader], DataLoader] | None = None,
 ) -> tuple[Translator, list[dict[str, float]]]:
     """Trains a translator with early stopping on validation MSE; returns the best weights.
 
@@ -751,6 +753,11 @@ def train_translator(
         on_epoch: called as on_epoch(epoch, train_loss, val_loss) after every epoch (e.g. to
             report to Ray Train/Tune); returning True stops training.
         device: where to train.
+        prepare_model: wraps the model for data-parallel training (e.g. Ray Train's
+            ``prepare_model``, which moves it to the worker's device and wraps it in DDP).
+        prepare_train_loader: shards the training loader across workers (e.g. Ray
+            Train's ``prepare_data_loader``). Validation is never sharded: every worker
+            scores the whole validation set, so all take the same early-stopping decision.
 
     Returns:
         (translator in eval mode on `device`, history): one dict per epoch with epoch,
@@ -769,11 +776,15 @@ def train_translator(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         normalizer = Normalizer.fit(train_x, train_y, model_config.normalization, model_config.norm_eps)
-        model = GradTransformer(model_config).to(device)
+        core = GradTransformer(model_config).to(device)
+        model = prepare_model(core) if prepare_model is not None else core
+        device = next(core.parameters()).device
         train_set = TensorDataset(normalizer.normalize_x(train_x.float()), normalizer.normalize_y(train_y.float()))
         val_set = TensorDataset(normalizer.normalize_x(val_x.float()), normalizer.normalize_y(val_y.float()))
         generator = torch.Generator().manual_seed(cfg.seed)
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+        if prepare_train_loader is not None:
+            train_loader = prepare_train_loader(train_loader)
         val_loader = DataLoader(val_set, batch_size=max(cfg.batch_size, 64))
         optimizer, scheduler = make_optimizer(model, cfg)
         stopper = EarlyStopping(cfg.patience, cfg.min_delta)
@@ -800,7 +811,7 @@ def train_translator(
             if not math.isfinite(train_loss):
                 logger.warning("training diverged at epoch %d (train_loss=%s); stopping", epoch, train_loss)
                 break
-            stop = stopper.step(epoch, val_loss, model)
+            stop = stopper.step(epoch, val_loss, core)
             if on_epoch is not None and on_epoch(epoch, train_loss, val_loss):
                 logger.info("stop requested by on_epoch at epoch %d", epoch)
                 break
@@ -811,8 +822,8 @@ def train_translator(
                 break
 
     if stopper.best_state is not None:
-        model.load_state_dict(stopper.best_state)
-    translator = Translator(model_config, model, normalizer.to(device), train_config=cfg)
+        core.load_state_dict(stopper.best_state)
+    translator = Translator(model_config, core, normalizer.to(device), train_config=cfg)
     best = stopper.best_loss if math.isfinite(stopper.best_loss) else None
     translator.metadata.update({"best_epoch": stopper.best_epoch, "best_val_loss": best})
     return translator.eval(), history

@@ -56,16 +56,16 @@ def corpus_worker(config: dict) -> None:
 
 def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> dict:
     """Run the Ray Train job until every subset has a shard, then write the manifest."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     out = Path(cfg.corpus_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     card_path = card.save(out / "pair_card.json")
     n = cfg.corpus.n_subsets
     before = len(completed_subsets(out) & set(range(n)))
     if before < n:
-        init_ray(address)
+        init_ray(address)  # before any ray import: it fixes the local cluster's environment
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
         resources = {"CPU": cfg.corpus.cpus_per_worker, **({"GPU": 1} if cfg.corpus.use_gpu else {})}
         trainer = TorchTrainer(
             corpus_worker,

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pair": ("jobs.prepare_pair", "prepare | report: build/pretrain the model pair, write the card, pair table"),
     "org": ("gt_ray.org", "finetune | submit: an organization's private fine-tune (DP) and upload; no Ray"),
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),
+    "translator": ("jobs.train_translator", "train | tune | eval: the Grad-Transformer (Ray Train / Ray Tune)"),
 }
 
 

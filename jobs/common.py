@@ -91,6 +91,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     if address is None:
         # The dashboard process serves the state API, which Ray Train's controller polls.
         ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024 * 1024, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1",
                  _temp_dir=temp_dir, log_to_driver=True)
     else:
         ray.init(address=address)

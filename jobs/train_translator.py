@@ -1,0 +1,150 @@
+"""Train the Grad-Transformer on the shadow corpus with Ray Train (data parallel).
+
+    gt-ray translator train --config configs/tiny.yaml [--address ...]
+
+Train/validation split by shadow subset (never the same subset on both sides), early
+stopping on validation MSE, checkpoint = safetensors + JSON with the pair card's
+fingerprints and the normalization statistics, in ``{work_dir}/translator``. The sweep's
+best config (``{work_dir}/translator_best.yaml``, from ``gt-ray translator tune``) overrides
+the config's model/train values when it exists. A rerun with an unchanged corpus and
+settings reuses the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gt_ray.config import ExperimentConfig, config_hash, from_dict
+from gt_ray.corpus import Corpus, split_by_subset
+from gt_ray.translator import CONFIG_FILENAME, TrainConfig, TranslatorConfig, save_translator, train_translator
+from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir, write_json
+
+BEST_CONFIG_FILE = "translator_best.yaml"
+HISTORY_FILE = "history.json"
+
+
+def translator_dir(cfg: ExperimentConfig) -> Path:
+    return work_dir(cfg) / "translator"
+
+
+def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
+    """The model and train config: config values, overridden by the sweep's best YAML."""
+    model, train = dict(cfg.translator.model), dataclasses.asdict(cfg.translator.train)
+    best_path = Path(cfg.translator.best_config) if cfg.translator.best_config else work_dir(cfg) / BEST_CONFIG_FILE
+    source = "config"
+    if best_path.is_file():
+        best = yaml.safe_load(best_path.read_text()) or {}
+        model.update(best.get("model", {}))
+        train.update(best.get("train", {}))
+        source = str(best_path)
+    elif cfg.translator.best_config:
+        raise UserError(f"translator.best_config {best_path} does not exist (run `gt-ray translator tune`)")
+    (L_t, d_t), (L_l, d_l) = corpus.tiny_shape, corpus.llm_shape
+    try:
+        model_cfg = TranslatorConfig(d_tiny=d_t, L_tiny=L_t, d_llm=d_l, L_llm=L_l, **model)
+        train_cfg = TrainConfig(**train)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"translator settings from {source}: {e}") from None
+    return model_cfg, train_cfg, {"settings_source": source}
+
+
+def load_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[dict, dict, list[int], list[int]]:
+    train_ids, val_ids = split_by_subset(corpus.subset_ids, cfg.translator.val_fraction, cfg.seed)
+    return corpus.load(train_ids), corpus.load(val_ids), train_ids, val_ids
+
+
+# ----------------------------------------------------------------------------- per worker
+
+def translator_worker(config: dict) -> None:
+    """Ray Train worker: one data-parallel replica; rank 0 writes the checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(1)
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
+    corpus = Corpus(config["corpus_dir"], verify=False)
+    model_cfg = TranslatorConfig.from_dict(config["model"])
+    train_cfg = TrainConfig.from_dict(config["train"])
+    tr, va, train_ids, val_ids = load_split(cfg, corpus)
+    t0 = time.time()
+
+    def on_epoch(epoch: int, train_loss: float, val_loss: float) -> bool:
+        ray.train.report({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if rank == 0:
+            print(f"translator epoch={epoch} train_loss={train_loss:.5f} val_loss={val_loss:.5f} "
+                  f"seconds={time.time() - t0:.1f}", flush=True)
+        return False
+
+    translator, history = train_translator(
+        tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg, on_epoch=on_epoch,
+        device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
+        prepare_train_loader=ray.train.torch.prepare_data_loader)
+    if rank == 0:
+        out = Path(config["out_dir"])
+        save_translator(translator.cpu(), out, {"fingerprints": corpus.fingerprints, "card_id": corpus.card_id,
+                                                "train_subsets": train_ids, "val_subsets": val_ids,
+                                                "key": config["key"], **config["extra"]})
+        write_json(out / HISTORY_FILE, history)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False) -> Path:
+    """Train (or reuse) the translator checkpoint for the current corpus and settings."""
+    try:
+        corpus = Corpus(cfg.corpus_dir)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model_cfg, train_cfg, extra = resolve_settings(cfg, corpus)
+    key = config_hash({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "val_fraction": cfg.translator.val_fraction,
+                       "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
+    out = translator_dir(cfg)
+    meta_path = out / CONFIG_FILENAME
+    if not force and meta_path.is_file() and json.loads(meta_path.read_text()).get("metadata", {}).get("key") == key:
+        kv(stage="translator", status="cached", path=out)
+        return out
+    init_ray(address)  # before any ray import: it fixes the local cluster's environment
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.time()
+    trainer = TorchTrainer(
+        translator_worker,
+        train_loop_config={"experiment": dataclasses.asdict(cfg), "corpus_dir": str(Path(cfg.corpus_dir).resolve()),
+                           "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "out_dir": str(out.resolve()),
+                           "key": key, "extra": extra},
+        scaling_config=ScalingConfig(num_workers=cfg.translator.num_workers, use_gpu=cfg.translator.use_gpu),
+        run_config=RunConfig(name=f"translator-{key}", storage_path=str((work_dir(cfg) / "ray_results").resolve())),
+    )
+    trainer.fit()
+    meta = json.loads(meta_path.read_text())["metadata"]
+    kv(stage="translator", status="trained", seconds=round(time.time() - t0, 1), best_epoch=meta.get("best_epoch"),
+       best_val_loss=meta.get("best_val_loss"), path=out)
+    return out
+
+
+def main(argv=None) -> None:
+    p = base_parser("Train the Grad-Transformer (train), search its hyperparameters (tune), or evaluate it (eval)")
+    p.add_argument("action", choices=["train", "tune", "eval"])
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--force", action="store_true", help="retrain even if a matching checkpoint exists")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.action == "train":
+        train(cfg, args.address, args.force)
+    elif args.action == "tune":
+        from jobs.tune_translator import tune
+
+        tune(cfg, args.address)
+    else:
+        from jobs.eval_translator import evaluate
+
+        evaluate(cfg)
