@@ -298,6 +298,23 @@ class SweepConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The evaluation: simulated organizations on the private split, several seeds."""
+
+    n_orgs: int = 6
+    """Organizations per seed, each with its own secret k and task mixture."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the organization draws (and their fine-tunes)."""
+    n_test: int = 400
+    """Test examples per organization (private_test split)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_orgs", "n_test")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one scale needs; each job reads the sections it uses."""
 
@@ -315,6 +332,8 @@ class ExperimentConfig:
     """The Grad-Transformer and its training."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """The hyperparameter search."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The organizations' evaluation."""
     work_dir: str = "runs/tiny"
     """Where stage outputs go (corpus, checkpoints, results), relative to the cwd."""
     cache_dir: str = "~/.cache/gt-ray"

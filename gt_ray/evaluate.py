@@ -63,3 +63,88 @@ def score_model(model: torch.nn.Module, tokenizer, examples: Sequence[Example], 
     """:func:`score` for one causal LM (put in eval mode)."""
     model.eval()
     return score(model_logits(model), tokenizer, examples, batch_size)
+
+
+def score_update(lm, update: torch.Tensor, examples: Sequence[Example], batch_size: int = 256) -> Scores:
+    """Apply ``update`` on top of the card's LoRA init of ``lm`` (a LoadedModel) and score it."""
+    from gt_ray.updates import apply_update
+
+    apply_update(lm.model, lm.layout, lm.init, update)
+    return score_model(lm.model, lm.tokenizer, examples, batch_size)
+
+
+def proxy_tuning_logits(llm_model: torch.nn.Module, tiny_ft: torch.nn.Module) -> LogitsFn:
+    """Proxy-tuning (Liu et al. 2024): LLM-base logits + (TinyLM-ft - TinyLM-base) logits.
+
+    ``llm_model`` is used with its adapter disabled when it has one (the base LLM);
+    ``tiny_ft`` is a peft TinyLM holding the fine-tuned LoRA, whose base logits come from
+    the same model with the adapter disabled. Both must share one vocabulary.
+    """
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with _adapter_disabled(llm_model):
+            base = llm_model(input_ids=ids, attention_mask=mask).logits
+        expert = tiny_ft(input_ids=ids, attention_mask=mask).logits
+        with _adapter_disabled(tiny_ft):
+            anti = tiny_ft(input_ids=ids, attention_mask=mask).logits
+        if base.shape[-1] != expert.shape[-1]:
+            raise ValueError(f"proxy-tuning needs one vocabulary: LLM has {base.shape[-1]} logits, TinyLM {expert.shape[-1]}")
+        return base + (expert - anti)
+
+    return fn
+
+
+class _adapter_disabled:
+    def __init__(self, model: torch.nn.Module):
+        self.ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
+def pgr(p_method: float, p_tiny_ft: float, p_llm_ft: float) -> float:
+    """Performance gap recovered, as in the paper: (P_method - P_tiny_ft) / (P_llm_ft - P_tiny_ft).
+
+    For NLL (lower is better) pass negated values, or use the same formula: the signs of
+    numerator and denominator flip together. NaN when the gap is zero.
+    """
+    gap = p_llm_ft - p_tiny_ft
+    return (p_method - p_tiny_ft) / gap if gap != 0 else float("nan")
+
+
+def pgr_base(p_method: float, p_llm_base: float, p_llm_ft: float) -> float:
+    """The stricter figure: (P_method - P_llm_base) / (P_llm_ft - P_llm_base)."""
+    gap = p_llm_ft - p_llm_base
+    return (p_method - p_llm_base) / gap if gap != 0 else float("nan")
+
+
+def draw_org_specs(task_names: Sequence[str], n_orgs: int, seed: int, n_train: int, dirichlet_alpha: float):
+    """Simulated organizations: each a private_train dataset with its own secret k and mixture.
+
+    The org's test data is the same secret and mixture drawn from ``private_test``
+    (``generate_dataset(spec, split="private_test", n=...)``), disjoint from its training inputs.
+    """
+    import random
+
+    from gt_ray.tasks import draw_dataset_spec
+
+    return [draw_dataset_spec(random.Random(f"org|{seed}|{i}"), "private_train", task_names, n_train, dirichlet_alpha)
+            for i in range(n_orgs)]
+
+
+def summarize(per_org: dict[str, list[Scores]]) -> dict[str, dict[str, float]]:
+    """Organization-averaged accuracy and NLL per method, with PGR and PGR_base on both.
+
+    ``per_org`` maps method -> one Scores per organization, and must hold ``llm_base``,
+    ``tiny_ft`` and ``llm_ft``. PGR is computed on the averages (per-organization PGR
+    explodes where the TinyLM comes close to the LLM).
+    """
+    avg = {m: {"accuracy": sum(s.accuracy for s in ss) / len(ss), "nll": sum(s.nll for s in ss) / len(ss)}
+           for m, ss in per_org.items()}
+    for m, a in avg.items():
+        for metric in ("accuracy", "nll"):
+            a[f"pgr_{metric}"] = pgr(a[metric], avg["tiny_ft"][metric], avg["llm_ft"][metric])
+            a[f"pgr_base_{metric}"] = pgr_base(a[metric], avg["llm_base"][metric], avg["llm_ft"][metric])
+    return avg

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "org": ("gt_ray.org", "finetune | submit: an organization's private fine-tune (DP) and upload; no Ray"),
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),
     "translator": ("jobs.train_translator", "train | tune | eval: the Grad-Transformer (Ray Train / Ray Tune)"),
+    "eval": ("jobs.evaluate", "the organizations' evaluation table: PGR against baselines and ceilings"),
 }
 
 
