@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from gt_ray import tasks
+from gt_ray.evaluate import Scores, pgr, pgr_base, proxy_tuning_logits, score, score_update, summarize
+from gt_ray.models import build_char_tokenizer, load_with_lora
+from gt_ray.updates import read_lora
+
+
+def _oracle(tok, right_letters: set[str], p_true: float):
+    """A teacher-forced logits function: p_true on the true next answer token where the
+    example's first input letter is in ``right_letters``, else p_true/2 (not the argmax)."""
+    V = len(tok)
+    eq, colon = tok.convert_tokens_to_ids("="), tok.convert_tokens_to_ids(":")
+
+    def fn(ids, mask):
+        B, T = ids.shape
+        logits = torch.full((B, T, V), -1e4)
+        for b in range(B):
+            row = ids[b].tolist()
+            right = tok.convert_ids_to_tokens(row[row.index(colon) + 1]) in right_letters
+            for t in range(row.index(eq), int(mask[b].sum()) - 1):
+                y = row[t + 1]
+                probs = torch.full((V,), 1e-12)
+                probs[y] = p_true if right else p_true / 2
+                probs[(y + 1) % V] = 1 - probs[y]
+                logits[b, t] = probs.log()
+        return logits
+
+    return fn
+
+
+def test_score_of_a_known_model_gives_known_figures():
+    tok = build_char_tokenizer()
+    examples = tasks.generate_dataset(tasks.DatasetSpec("public", 3, {"index": 1.0}, 20, 1))  # answers: 1 char + ';'
+    right = set("abcdefgh")
+    n_right = sum(ex.prompt[3] in right for ex in examples)
+    assert 0 < n_right < len(examples)
+    s = score(_oracle(tok, right, p_true=0.8), tok, examples, batch_size=3)
+    assert s.accuracy == pytest.approx(n_right / len(examples))
+    n_wrong = len(examples) - n_right  # 2 answer tokens each
+    assert s.nll == pytest.approx((2 * n_right * -math.log(0.8) + 2 * n_wrong * -math.log(0.4)) / (2 * len(examples)), rel=1e-5)
+
+
+def test_pgr_formulas():
+    assert pgr(0.8, 0.6, 1.0) == pytest.approx(0.5)
+    assert pgr(0.6, 0.6, 1.0) == 0.0 and pgr(1.0, 0.6, 1.0) == 1.0
+    assert pgr_base(0.55, 0.1, 1.0) == pytest.approx(0.5)
+    assert math.isnan(pgr(0.5, 0.7, 0.7))
+    # NLL: lower is better, same formula
+    assert pgr(1.5, 2.0, 1.0) == pytest.approx(0.5)
+
+
+def test_summarize_uses_organization_averages():
+    def s(a):
+        return Scores(accuracy=a, nll=1 - a, n=10)
+
+    out = summarize({"llm_base": [s(0.0), s(0.2)], "tiny_ft": [s(0.5), s(0.7)], "llm_ft": [s(1.0), s(0.8)],
+                     "m": [s(0.9), s(0.7)]})
+    # averages: base .1, tiny .6, llm .9, m .8 -> PGR (.8-.6)/(.9-.6) = 2/3; PGR_base (.8-.1)/(.9-.1)
+    assert out["m"]["pgr_accuracy"] == pytest.approx(2 / 3)
+    assert out["m"]["pgr_base_accuracy"] == pytest.approx(0.7 / 0.8)
+    assert out["m"]["pgr_nll"] == pytest.approx(2 / 3)
+
+
+def test_proxy_tuning_is_the_stated_logit_combination(tiny_path, lora):
+    tiny = load_with_lora(tiny_path, lora, seed=7)
+    llm = load_with_lora(tiny_path, lora, seed=8)  # same vocabulary; its own (untouched) init
+    update = torch.randn(tiny.layout.shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    from gt_ray.updates import apply_update
+
+    apply_update(tiny.model, tiny.layout, tiny.init, update)
+    ids = torch.randint(1, 30, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = proxy_tuning_logits(llm.model, tiny.model)(ids, mask)
+        ft = tiny.model(input_ids=ids).logits
+        with tiny.model.disable_adapter():
+            base_t = tiny.model(input_ids=ids).logits
+        with llm.model.disable_adapter():
+            base_l = llm.model(input_ids=ids).logits
+    torch.testing.assert_close(got, base_l + ft - base_t)
+    assert (ft - base_t).abs().max() > 1e-4  # the fine-tuned TinyLM really differs from its base
+    # the TinyLM kept its fine-tuned LoRA (disable_adapter is a context, not a reset)
+    torch.testing.assert_close(read_lora(tiny.model, tiny.layout), tiny.init + update)
+
+
+def test_score_update_applies_on_top_of_the_init(tiny_path, lora):
+    lm = load_with_lora(tiny_path, lora, seed=7)
+    examples = tasks.generate_dataset(tasks.DatasetSpec("public", 3, {"add": 1.0}, 16, 1))
+    zero = score_update(lm, torch.zeros(lm.layout.shape), examples)
+    lm.reset()
+    from gt_ray.evaluate import score_model
+
+    assert zero.nll == pytest.approx(score_model(lm.model, lm.tokenizer, examples).nll, abs=1e-6)
+    moved = score_update(lm, torch.ones(lm.layout.shape) * 0.3, examples)
+    assert moved.nll != pytest.approx(zero.nll, abs=1e-4)
