@@ -3,27 +3,85 @@
     gt-ray demo                      # configs/tiny.yaml on an embedded local Ray cluster
     gt-ray demo --config configs/ci.yaml
 
-Every stage is cached in ``work_dir`` (and pretrained models in ``cache_dir``), so a
-rerun reuses what is done. Stages so far: prepare the pair (pretraining on first run)
-and the pair report (accuracy of both models per task before/after LoRA fine-tuning).
+Stages: prepare the pair (pretraining on the first run) -> shadow corpus on Ray Train ->
+Ray Tune sweep -> translator training on Ray Train -> held-out translator evaluation ->
+the Serve app -> simulated organizations fine-tune locally and submit over HTTP, the
+service translates and aggregates -> evaluation table, ``results.json`` and PNG plots.
+Every stage is cached in ``work_dir`` (pretrained models in ``cache_dir``), so a rerun
+reuses what is done.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
-from jobs import prepare_pair
-from jobs.common import base_parser, kv, load_config, work_dir, write_json
+from jobs import build_corpus, eval_translator, evaluate, prepare_pair, train_translator, tune_translator
+from jobs.common import base_parser, init_ray, kv, load_config, work_dir
 
 
 def main(argv=None) -> None:
-    args = base_parser("Run the gt-ray pipeline end to end").parse_args(argv)
+    p = base_parser("Run the gt-ray pipeline end to end")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local cluster)")
+    args = p.parse_args(argv)
     cfg = load_config(args.config)
     t0 = time.time()
-    card = prepare_pair.load_or_prepare_card(cfg)
-    kv(stage="pair", seconds=round(time.time() - t0, 1))
-    report_path = work_dir(cfg) / prepare_pair.REPORT_FILE
-    rep = prepare_pair.report(cfg, card)
-    write_json(report_path, rep)
-    print(prepare_pair.format_report(rep))
-    kv(stage="demo", status="done", seconds=round(time.time() - t0, 1), results=report_path)
+    times = {}
+
+    def stage(name: str, fn, *a, **kw):
+        s = time.time()
+        kv(stage="demo", step=name, status="start")
+        out = fn(*a, **kw)
+        times[name] = round(time.time() - s, 1)
+        kv(stage="demo", step=name, status="done", seconds=times[name])
+        return out
+
+    card = stage("pair", prepare_pair.load_or_prepare_card, cfg)
+    init_ray(args.address)
+    stage("corpus", build_corpus.build, cfg, card, args.address)
+    if not (work_dir(cfg) / train_translator.BEST_CONFIG_FILE).is_file() and cfg.translator.best_config is None:
+        stage("sweep", tune_translator.tune, cfg, args.address)
+    stage("translator", train_translator.train, cfg, args.address)
+    stage("translator_eval", eval_translator.evaluate, cfg)
+    results = stage("eval", evaluate.evaluate, cfg)
+    results["stage_seconds"] = times
+    results["total_seconds"] = round(time.time() - t0, 1)
+    out = work_dir(cfg)
+    (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    write_plots(out, results)
+    kv(stage="demo", status="done", seconds=results["total_seconds"], results=out / evaluate.RESULTS_FILE)
+
+
+def write_plots(out: Path, results: dict) -> None:
+    """results.png (accuracy per method, with spread over seeds) and training_curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(names)), [methods[m]["accuracy"] for m in names],
+           yerr=[methods[m]["accuracy_std"] for m in names], color="#4477aa", capsize=3)
+    ax.set_xticks(range(len(names)), [evaluate.LABELS[m] for m in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (org-averaged)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{results['n_orgs']} organizations x {len(results['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+    hist_path = train_translator.translator_dir_from(out) / train_translator.HISTORY_FILE
+    if hist_path.is_file():
+        hist = json.loads(hist_path.read_text())
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label="train (teacher forcing)")
+        ax.plot([h["epoch"] for h in hist], [h["val_loss"] for h in hist], label="validation (decoded)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MSE (normalized)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "training_curves.png", dpi=120)
+        plt.close(fig)

@@ -31,7 +31,11 @@ HISTORY_FILE = "history.json"
 
 
 def translator_dir(cfg: ExperimentConfig) -> Path:
-    return work_dir(cfg) / "translator"
+    return translator_dir_from(work_dir(cfg))
+
+
+def translator_dir_from(work: Path) -> Path:
+    return work / "translator"
 
 
 def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
