@@ -41,6 +41,42 @@ def final_rows(data: dict) -> dict:
     return {k: v[idx] for k, v in data.items()}
 
 
+def held_out(cfg: ExperimentConfig, corpus: Corpus):
+    """The training rows, the validation subsets' final rows, their test examples and the LLM.
+
+    Returns:
+        (train rows, validation final rows, one test list per validation subset, LoadedModel
+        of the card's LLM, its LoRA scale alpha / r, validation subset ids)
+    """
+    card = PairCard.load(corpus.directory / "pair_card.json")
+    tr, va, _, val_ids = load_split(cfg, corpus)
+    va_final = final_rows(va)
+    meta = {r["subset_id"]: r for r in corpus.dataset.to_table(columns=["subset_id", "secret_k", "mixture", "data_seed"]).to_pylist()}
+    tests = []
+    for sid in va_final["subset_id"].tolist():
+        m = meta[sid]  # fresh examples of the subset's own task: same split, secret and mixture
+        tests.append(tasks.generate_dataset(tasks.DatasetSpec("public", m["secret_k"], json.loads(m["mixture"]), N_TEST, m["data_seed"] + 1)))
+    lora = LoraSpec(**card.lora)
+    return tr, va_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, val_ids
+
+
+def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: float) -> dict:
+    """Answer NLL / accuracy of the LLM with each predicted update on each subset's test
+    examples, and vector metrics against the true update (not for ``true``/``base``)."""
+    rows = {name: {"nll": [], "accuracy": [], "vector": []} for name in preds}
+    t0 = time.time()
+    for i, test in enumerate(tests):
+        for name, p in preds.items():
+            s = score_update(llm, p[i], test)
+            rows[name]["nll"].append(s.nll)
+            rows[name]["accuracy"].append(s.accuracy)
+            if name not in ("true", "base"):
+                rows[name]["vector"].append(vector_metrics(p[i], va_final["llm"][i], llm.layout, llm.init, scale))
+        kv(stage="translator_eval", subset=int(va_final["subset_id"][i]), done=f"{i + 1}/{len(tests)}",
+           seconds=round(time.time() - t0, 1))
+    return rows
+
+
 def evaluate(cfg: ExperimentConfig) -> dict:
     torch.set_num_threads(2)
     try:
@@ -48,29 +84,13 @@ def evaluate(cfg: ExperimentConfig) -> dict:
         translator = load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints)
     except ValueError as e:
         raise UserError(str(e)) from None
-    card = PairCard.load(corpus.directory / "pair_card.json")
-    tr, va, _, val_ids = load_split(cfg, corpus)
-    va_final = final_rows(va)
+    tr, va_final, tests, llm, scale, val_ids = held_out(cfg, corpus)
     methods = {"mean": MeanUpdate(), "ridge": RidgeMap(), "nn1": NearestNeighbour(k=1), "nn3": NearestNeighbour(k=3)}
     preds = {name: m.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(va_final["tiny"]) for name, m in methods.items()}
     preds["grad_transformer"] = translator.translate(va_final["tiny"])
     preds["true"] = va_final["llm"]
     preds["base"] = torch.zeros_like(va_final["llm"])
-    llm = load_card_side(card, "llm")
-    scale = LoraSpec(**card.lora).alpha / LoraSpec(**card.lora).rank
-    meta = {r["subset_id"]: r for r in corpus.dataset.to_table(columns=["subset_id", "secret_k", "mixture", "data_seed"]).to_pylist()}
-    rows = {name: {"nll": [], "accuracy": [], "vector": []} for name in preds}
-    t0 = time.time()
-    for i, sid in enumerate(va_final["subset_id"].tolist()):
-        m = meta[sid]  # fresh examples of the subset's own task: same split, secret and mixture
-        test = tasks.generate_dataset(tasks.DatasetSpec("public", m["secret_k"], json.loads(m["mixture"]), N_TEST, m["data_seed"] + 1))
-        for name, p in preds.items():
-            s = score_update(llm, p[i], test)
-            rows[name]["nll"].append(s.nll)
-            rows[name]["accuracy"].append(s.accuracy)
-            if name not in ("true", "base"):
-                rows[name]["vector"].append(vector_metrics(p[i], va_final["llm"][i], llm.layout, llm.init, scale))
-        kv(stage="translator_eval", subset=sid, done=f"{i + 1}/{len(val_ids)}", seconds=round(time.time() - t0, 1))
+    rows = score_predictions(preds, va_final, tests, llm, scale)
     table = {}
     for name, r in rows.items():
         entry = {"nll": _mean(r["nll"]), "accuracy": _mean(r["accuracy"])}
