@@ -86,7 +86,6 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
     if not torch.equal(read_lora(lm.model, lm.layout), lm.init):
         raise RuntimeError("LoRA parameters are not at the card's init after reset")
     data = encode_examples(lm.tokenizer, examples)
-    n = data.input_ids.shape[0]
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,13 @@ NORMALIZATION_MODES = ("coordinate", "global", "none")
 
 
 # ----------------------------------------------------------------------------- configs
+
+
+def _config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**data)
 
 
 @dataclass
@@ -130,15 +137,8 @@ class TranslatorConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TranslatorConfig:
-        """Builds a config from `to_dict` output.
-
-        Raises:
-            ValueError: on unknown keys or bad values.
-        """
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TranslatorConfig keys: {sorted(unknown)}")
-        return cls(**data)
+        """Builds a config from `to_dict` output (ValueError on unknown keys or bad values)."""
+        return _config_from_dict(cls, data)
 
     @classmethod
     def from_pretrained_t5(
@@ -222,15 +222,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Builds a config from `to_dict` output.
-
-        Raises:
-            ValueError: on unknown keys or bad values.
-        """
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**data)
+        """Builds a config from `to_dict` output (ValueError on unknown keys or bad values)."""
+        return _config_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------- normalization

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),
     "translator": ("jobs.train_translator", "train | tune | eval: the Grad-Transformer (Ray Train / Ray Tune)"),
     "eval": ("jobs.evaluate", "the organizations' evaluation table: PGR against baselines and ceilings"),
+    "serve": ("serve.cli", "the provider service on Ray Serve: batched translation, rounds, PEFT adapters"),
 }
 
 

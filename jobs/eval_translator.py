@@ -23,9 +23,8 @@ from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus
 from gt_ray.evaluate import score_update
 from gt_ray.models import PairCard, load_card_side
-from gt_ray.translator import load_translator
-from jobs.common import UserError, kv, work_dir, write_json
-from jobs.train_translator import load_split, translator_dir
+from jobs.common import kv, work_dir, write_json
+from jobs.train_translator import load_corpus_and_translator, load_split
 
 EVAL_FILE = "translator_eval.json"
 N_TEST = 200
@@ -79,11 +78,7 @@ def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: floa
 
 def evaluate(cfg: ExperimentConfig) -> dict:
     torch.set_num_threads(2)
-    try:
-        corpus = Corpus(cfg.corpus_dir)
-        translator = load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    corpus, translator = load_corpus_and_translator(cfg)
     tr, va_final, tests, llm, scale, val_ids = held_out(cfg, corpus)
     methods = {"mean": MeanUpdate(), "ridge": RidgeMap(), "nn1": NearestNeighbour(k=1), "nn3": NearestNeighbour(k=3)}
     preds = {name: m.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(va_final["tiny"]) for name, m in methods.items()}

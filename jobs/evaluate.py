@@ -24,13 +24,11 @@ from gt_ray import tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.corpus import Corpus
 from gt_ray.evaluate import (Scores, draw_org_specs, proxy_tuning_logits, score, score_model, score_update, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import PairCard, load_card_side
-from gt_ray.translator import load_translator
-from jobs.common import UserError, base_parser, kv, load_config, work_dir, write_json
-from jobs.train_translator import translator_dir
+from jobs.common import base_parser, kv, load_config, work_dir, write_json
+from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
 ORG_METHODS = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour", "proxy_tuning"]
@@ -43,15 +41,11 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 """(B, L_tiny, d_tiny) TinyLM vectors -> (B, L_llm, d_llm) LLM vectors."""
 
 
-def evaluate(cfg: ExperimentConfig, translate: Translate | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     """Run the evaluation for every seed; ``translate`` defaults to the local checkpoint
     (the demo passes the Serve endpoint instead, so the service is in the loop)."""
     torch.set_num_threads(2)
-    try:
-        corpus = Corpus(cfg.corpus_dir)
-        translator = load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    corpus, translator = load_corpus_and_translator(cfg)
     translate = translate or translator.translate
     card = PairCard.load(corpus.directory / "pair_card.json")
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")

@@ -38,6 +38,17 @@ def translator_dir_from(work: Path) -> Path:
     return work / "translator"
 
 
+def load_corpus_and_translator(cfg: ExperimentConfig):
+    """The finished corpus and the trained translator checkpoint, checked against each other."""
+    from gt_ray.translator import load_translator
+
+    try:
+        corpus = Corpus(cfg.corpus_dir)
+        return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
     """The model and train config: config values, overridden by the sweep's best YAML."""
     model, train = dict(cfg.translator.model), dataclasses.asdict(cfg.translator.train)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gt_ray.config import PairConfig
-from gt_ray.models import PairCard, attach_lora, load_card_side, load_model, load_with_lora, make_pair_card
+from gt_ray.models import PairCard, load_card_side, load_model, load_with_lora, make_pair_card
 from gt_ray.updates import read_lora, seeded_lora_init
 from tests.conftest import tiny_spec
 
