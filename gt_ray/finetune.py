@@ -85,7 +85,9 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
     lm.reset()
     if not torch.equal(read_lora(lm.model, lm.layout), lm.init):
         raise RuntimeError("LoRA parameters are not at the card's init after reset")
+    device = next(lm.model.parameters()).device
     data = encode_examples(lm.tokenizer, examples)
+    data = Batch(data.input_ids.to(device), data.attention_mask.to(device), data.labels.to(device))
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -146,7 +148,7 @@ def _index(data: Batch, idx: torch.Tensor) -> Batch:
 def _replacement_batches(data: Batch, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
     n = data.input_ids.shape[0]
     while True:
-        yield _index(data, torch.randint(0, n, (batch_size,), generator=gen))
+        yield _index(data, torch.randint(0, n, (batch_size,), generator=gen).to(data.input_ids.device))
 
 
 def _make_private(lm: LoadedModel, data: Batch, opt, cfg: FinetuneConfig, dp: DPConfig,

@@ -42,7 +42,12 @@ def corpus_worker(config: dict) -> None:
     todo = [s for s in plan_subsets(cfg, cfg.corpus.n_subsets, cfg.corpus.seed)
             if s.subset_id % world == rank and s.subset_id not in completed_subsets(out)]
     if todo:
-        tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # a GPU on GPU workers, else the CPU
+        tiny, llm = (load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm"))
+        tiny.model.to(device)
+        llm.model.to(device)
         schema = corpus_schema(card)
         t0 = time.time()
         for i, subset in enumerate(todo, 1):

@@ -5,8 +5,10 @@
 
 Stages: prepare the pair (pretraining on the first run) -> shadow corpus on Ray Train ->
 Ray Tune sweep -> translator training on Ray Train -> held-out translator evaluation ->
-the Serve app -> simulated organizations fine-tune locally and submit over HTTP, the
-service translates and aggregates -> evaluation table, ``results.json`` and PNG plots.
+the Serve app (``gt-ray serve``) -> simulated organizations fine-tune locally and submit
+over HTTP, the service aggregates the round and exports a PEFT adapter -> evaluation
+table (the generated updates come from the service's /v1/translate), ``results.json``
+and PNG plots -> the service is shut down.
 Every stage is cached in ``work_dir`` (pretrained models in ``cache_dir``), so a rerun
 reuses what is done.
 """
@@ -17,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from jobs import build_corpus, eval_translator, evaluate, prepare_pair, train_translator, tune_translator
+from jobs import build_corpus, eval_translator, evaluate, prepare_pair, service_round, train_translator, tune_translator
 from jobs.common import base_parser, init_ray, kv, load_config, work_dir
 
 
@@ -38,16 +40,23 @@ def main(argv=None) -> None:
         return out
 
     card = stage("pair", prepare_pair.load_or_prepare_card, cfg)
-    init_ray(args.address)
+    ray = init_ray(args.address)
     stage("corpus", build_corpus.build, cfg, card, args.address)
     if not (work_dir(cfg) / train_translator.BEST_CONFIG_FILE).is_file() and cfg.translator.best_config is None:
         stage("sweep", tune_translator.tune, cfg, args.address)
     stage("translator", train_translator.train, cfg, args.address)
     stage("translator_eval", eval_translator.evaluate, cfg)
-    results = stage("eval", evaluate.evaluate, cfg)
+    out = work_dir(cfg)
+    card_path = out / prepare_pair.CARD_FILE
+    tokens = service_round.write_tokens(out / "tokens.json", [f"org-{i}" for i in range(cfg.eval.n_orgs)])
+    with service_round.running_service(cfg, train_translator.translator_dir(cfg), card_path, out / "tokens.json",
+                                       ray.get_runtime_context().gcs_address) as url:
+        round_info = stage("service_round", service_round.run_round, cfg, card_path, url, tokens, cfg.eval.seeds[0])
+        translate = service_round.http_translator(url, tokens["admin"], card.tiny.layout_fingerprint)
+        results = stage("eval", evaluate.evaluate, cfg, translate)
+    results["service_round"] = round_info
     results["stage_seconds"] = times
     results["total_seconds"] = round(time.time() - t0, 1)
-    out = work_dir(cfg)
     (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     write_plots(out, results)
     kv(stage="demo", status="done", seconds=results["total_seconds"], results=out / evaluate.RESULTS_FILE)
