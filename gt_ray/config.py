@@ -48,16 +48,21 @@ class PretrainConfig:
 
 @dataclass
 class ModelSpec:
-    """One model of the pair: a local Hugging Face directory, or an architecture to build.
+    """One model of the pair: a local Hugging Face directory, a registry model, or an
+    architecture to build.
 
-    Exactly one of ``path`` and ``arch`` is set. With ``arch`` gt-ray builds the model
-    from a transformers config (``model_type`` plus its keyword arguments), gives it the
-    built-in character tokenizer of the task world and pretrains it (``pretrain``); the
-    result is cached on disk keyed by the hash of all of that.
+    Exactly one of ``path``, ``registry`` and ``arch`` is set. A ``registry`` model is a
+    pretrained model shipped inside a registry package (``gt_ray.registry.MODELS``),
+    converted once into the cache. With ``arch`` gt-ray builds the model from a
+    transformers config (``model_type`` plus its keyword arguments), gives it the built-in
+    character tokenizer of the task world and pretrains it (``pretrain``); the result is
+    cached on disk keyed by the hash of all of that.
     """
 
     path: str | None = None
     """Local directory with a causal LM and its tokenizer (``from_pretrained`` layout)."""
+    registry: str | None = None
+    """Name of a registry model (``gt-ray models list``), e.g. ``smollm2-135m``."""
     arch: dict[str, Any] | None = None
     """transformers config kwargs with ``model_type`` (e.g. ``llama``), used to build."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -66,8 +71,12 @@ class ModelSpec:
     """Weights dtype when loading: float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.arch is None):
-            raise ValueError("exactly one of 'path' and 'arch' must be set for a model")
+        if sum(x is not None for x in (self.path, self.registry, self.arch)) != 1:
+            raise ValueError("exactly one of 'path', 'registry' and 'arch' must be set for a model")
+        if self.registry is not None:
+            from gt_ray.registry import get_model  # local import: registry imports nothing from here
+
+            get_model(self.registry)
         if self.arch is not None and "model_type" not in self.arch:
             raise ValueError("'arch' needs a 'model_type' (e.g. llama, qwen2)")
         if self.dtype not in ("float32", "bfloat16", "float16"):

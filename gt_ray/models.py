@@ -1,7 +1,8 @@
 """Build or load the model pair, attach LoRA with the card's init, and the pair card.
 
 Every model ends up as a normal Hugging Face directory (config, tokenizer, safetensors):
-a ``path`` model is used where it lies, an ``arch`` model is built from a transformers
+a ``path`` model is used where it lies, a ``registry`` model is converted once from its
+package into ``{cache_dir}/models/{name}-{sha}`` (gt_ray.registry), an ``arch`` model is built from a transformers
 config, pretrained on the generated task world, and cached under
 ``{cache_dir}/models/{model_type}-{hash}``, rebuilt when missing.
 """
@@ -25,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gt_ray import tasks as tasks_mod
 from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.registry import converted_dir, fetch_model, get_model
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
 logger = logging.getLogger(__name__)
@@ -53,19 +55,32 @@ def built_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str
     return Path(cache_dir).expanduser() / "models" / f"{spec.arch['model_type']}-{key}"
 
 
+def cached_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str]) -> Path | None:
+    """Where gt-ray keeps the model of ``spec`` in its cache; ``None`` for a ``path`` model."""
+    if spec.registry is not None:
+        return converted_dir(get_model(spec.registry), cache_dir)
+    if spec.arch is not None:
+        return built_model_dir(spec, cache_dir, task_names)
+    return None
+
+
 def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
                   on_step: Callable[[int, float], None] | None = None) -> Path:
     """Return a local directory holding the model of ``spec``, building it if needed.
 
     Args:
-        spec: a ``path`` spec (returned as is, after a check) or an ``arch`` spec.
+        spec: a ``path`` spec (returned as is, after a check), a ``registry`` spec
+            (converted into the cache on first use) or an ``arch`` spec.
         cache_dir: cache root for built models.
         task_names: tasks the pretraining data covers.
         on_step: called as ``on_step(step, loss)`` during pretraining, for progress.
 
     Raises:
-        ValueError: if a ``path`` does not hold a Hugging Face model.
+        ValueError: if a ``path`` does not hold a Hugging Face model, or a registry
+            model cannot be converted (see :func:`gt_ray.registry.fetch_model`).
     """
+    if spec.registry is not None:
+        return fetch_model(spec.registry, cache_dir)
     if spec.path is not None:
         p = Path(spec.path).expanduser()
         if not (p / "config.json").is_file():

