@@ -73,6 +73,12 @@ def score_update(lm, update: torch.Tensor, examples: Sequence[Example], batch_si
     return score_model(lm.model, lm.tokenizer, examples, batch_size)
 
 
+def shares_vocabulary(tokenizer_a, tokenizer_b) -> bool:
+    """Whether two tokenizers map every token string to the same id (proxy-tuning, which
+    adds the two models' logits position by position, needs it)."""
+    return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
 def proxy_tuning_logits(llm_model: torch.nn.Module, tiny_ft: torch.nn.Module) -> LogitsFn:
     """Proxy-tuning (Liu et al. 2024): LLM-base logits + (TinyLM-ft - TinyLM-base) logits.
 

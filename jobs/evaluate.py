@@ -24,7 +24,8 @@ from gt_ray import tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.evaluate import (Scores, draw_org_specs, proxy_tuning_logits, score, score_model, score_update, summarize)
+from gt_ray.evaluate import (Scores, draw_org_specs, proxy_tuning_logits, score, score_model, score_update,
+                             shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import base_parser, kv, load_config, work_dir, write_json
@@ -37,6 +38,7 @@ LABELS = {"llm_base": "LLM base", "tiny_ft": "TinyLM fine-tuned", "llm_ft": "LLM
           "ridge": "LLM + ridge map", "nearest_neighbour": "LLM + nearest neighbour", "proxy_tuning": "proxy-tuning",
           "agg_then_translate": "all orgs: aggregate, then translate", "translate_then_agg": "all orgs: translate, then aggregate"}
 
+PROXY_SKIPPED = "skipped: the TinyLM and the LLM do not share a vocabulary"
 Translate = Callable[[torch.Tensor], torch.Tensor]
 """(B, L_tiny, d_tiny) TinyLM vectors -> (B, L_llm, d_llm) LLM vectors."""
 
@@ -53,7 +55,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     baselines = {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(), "nearest_neighbour": NearestNeighbour(k=1)}
     for b in baselines.values():
         b.fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
-    shared_vocab = len(tiny.tokenizer) == len(llm.tokenizer) and tiny.tokenizer.get_vocab() == llm.tokenizer.get_vocab()
+    shared_vocab = shares_vocabulary(tiny.tokenizer, llm.tokenizer)
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
@@ -120,7 +122,7 @@ def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
     verdict = {m: gt["accuracy"] > table[m]["accuracy"] for m in ("mean_shadow", "ridge", "nearest_neighbour")}
     return {"methods": table, "multi_org": multi, "per_seed": per_seed, "seeds": list(per_seed), "n_orgs": cfg.eval.n_orgs,
             "n_test": cfg.eval.n_test, "beats": verdict, "best_baseline": best_base,
-            "proxy_tuning": "computed" if shared_vocab else "skipped: the TinyLM and the LLM do not share a vocabulary"}
+            "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED}
 
 
 def format_results(out: dict) -> str:
@@ -130,6 +132,8 @@ def format_results(out: dict) -> str:
     for m, r in out["methods"].items():
         lines.append(f"| {LABELS[m]} | {r['accuracy']:.3f} +- {r['accuracy_std']:.3f} | {r['nll']:.3f} | "
                      f"{r['pgr_accuracy']:.2f} +- {r['pgr_accuracy_std']:.2f} | {r['pgr_base_accuracy']:.2f} | {r['pgr_nll']:.2f} |")
+    if "proxy_tuning" not in out["methods"]:
+        lines.append(f"| {LABELS['proxy_tuning']} | {out['proxy_tuning']} | | | | |")
     for m, r in out["multi_org"].items():
         lines.append(f"| {LABELS.get(m, m)} (union of test splits) | {r['accuracy']:.3f} | {r['nll']:.3f} | | | |")
     beats = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in out["beats"].items())

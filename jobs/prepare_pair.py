@@ -22,7 +22,7 @@ from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
 from gt_ray.models import PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card, prepare_model
-from jobs.common import base_parser, kv, load_config, run_main, work_dir, write_json
+from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, write_json
 
 CARD_FILE = "pair_card.json"
 REPORT_FILE = "pair_report.json"
@@ -72,15 +72,19 @@ def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
     return prepare(cfg)
 
 
-def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300) -> dict:
+def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300,
+           task_names: list[str] | None = None) -> dict:
     """Accuracy of both models per task: k shown (pretraining ability), k hidden before
-    and after LoRA fine-tuning on a single-task dataset with a secret k (public split)."""
+    and after LoRA fine-tuning on a single-task dataset with a secret k (public split).
+
+    ``task_names`` defaults to the config's tasks; others show what a model could learn
+    outside the world it was pretrained on (a built TinyLM knows only the config's)."""
     torch.set_num_threads(2)
     rows = {}
     models = {side: load_card_side(card, side) for side in ("tiny", "llm")}
     rng = random.Random(cfg.seed)
     t0 = time.time()
-    for name in cfg.tasks.names:
+    for name in task_names or cfg.tasks.names:
         row = {}
         for side, lm in models.items():
             shown, before, after = [], [], []
@@ -109,7 +113,8 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
 def format_report(rep: dict) -> str:
     lines = ["| model | params | LoRA layout | pretrain time |", "|---|---|---|---|"]
     for side, m in rep["models"].items():
-        lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {m['pretrain_seconds']} s |")
+        took = "- (pretrained elsewhere)" if m["pretrain_seconds"] is None else f"{m['pretrain_seconds']} s"
+        lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {took} |")
     lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
               "|---|---|---|---|---|---|---|"]
     for name, row in rep["tasks"].items():
@@ -126,11 +131,16 @@ def _mean(xs: list[float]) -> float:
 def main(argv=None) -> None:
     p = base_parser("Prepare the model pair and its card")
     p.add_argument("action", nargs="?", default="prepare", choices=["prepare", "report"])
+    p.add_argument("--tasks", nargs="+", choices=sorted(tasks.TASKS), default=None,
+                   help="report: tasks to report (default: the config's)")
+    p.add_argument("--n-datasets", type=int, default=3, help="report: single-task datasets per task (default 3)")
     args = p.parse_args(argv)
+    if args.n_datasets < 1:
+        raise UserError(f"--n-datasets must be >= 1, got {args.n_datasets}")
     cfg = load_config(args.config)
     card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
     if args.action == "report":
-        rep = report(cfg, card)
+        rep = report(cfg, card, n_datasets=args.n_datasets, task_names=args.tasks)
         write_json(work_dir(cfg) / REPORT_FILE, rep)
         print(format_report(rep))
 

@@ -1,10 +1,11 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from gt_ray import tasks
-from gt_ray.evaluate import Scores, pgr, pgr_base, proxy_tuning_logits, score, score_update, summarize
+from gt_ray.evaluate import Scores, pgr, pgr_base, proxy_tuning_logits, score, score_update, shares_vocabulary, summarize
 from gt_ray.models import build_char_tokenizer, load_with_lora
 from gt_ray.updates import read_lora
 
@@ -97,3 +98,31 @@ def test_score_update_applies_on_top_of_the_init(tiny_path, lora):
     assert zero.nll == pytest.approx(score_model(lm.model, lm.tokenizer, examples).nll, abs=1e-6)
     moved = score_update(lm, torch.ones(lm.layout.shape) * 0.3, examples)
     assert moved.nll != pytest.approx(zero.nll, abs=1e-4)
+
+
+def test_shares_vocabulary():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    char = build_char_tokenizer()
+    assert shares_vocabulary(char, build_char_tokenizer())
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="<pad>")))
+    assert not shares_vocabulary(char, other)
+
+
+def test_results_table_names_why_proxy_tuning_was_skipped():
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import PROXY_SKIPPED, combine, format_results
+
+    def s(a):
+        return Scores(accuracy=a, nll=1 - a, n=10)
+
+    methods = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour"]
+    summary = summarize({m: [s(0.1 * (i + 1))] for i, m in enumerate(methods)})
+    multi = {"agg_then_translate": {"accuracy": 0.5, "nll": 1.0}}
+    orgs = [{"secret_k": 3, "accuracy": {m: 0.5 for m in methods}}]
+    per_seed = {0: {"summary": summary, "multi": multi, "orgs": orgs}}
+    root = Path(__file__).resolve().parents[1]
+    out = combine(per_seed, load_yaml(root / "configs/ci.yaml"), shared_vocab=False)
+    assert out["proxy_tuning"] == PROXY_SKIPPED and "proxy_tuning" not in out["methods"]
+    assert f"| proxy-tuning | {PROXY_SKIPPED} | | | | |" in format_results(out).splitlines()

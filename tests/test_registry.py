@@ -19,7 +19,8 @@ from peft import PeftModel
 from gt_ray import tasks
 from gt_ray.config import FinetuneConfig, LoraSpec, ModelSpec
 from gt_ray.finetune import finetune
-from gt_ray.models import cached_model_dir, load_model, load_with_lora, prepare_model
+from gt_ray.evaluate import shares_vocabulary
+from gt_ray.models import build_char_tokenizer, cached_model_dir, load_model, load_with_lora, prepare_model
 from gt_ray.registry import COMPLETE_MARKER, SOURCE_FILE, MODELS, fetch_model, get_model, locate_gguf
 from gt_ray.updates import apply_update, export_peft_adapter, read_lora
 from jobs.cli import main as cli_main
@@ -65,6 +66,7 @@ def test_conversion_is_lossless_and_cached(smol_path, tmp_path_factory):
 
 def test_converted_model_is_the_instruct_model(smol_path):
     model, tokenizer = load_model(smol_path)
+    assert not shares_vocabulary(tokenizer, build_char_tokenizer())  # so the eval skips proxy-tuning
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
