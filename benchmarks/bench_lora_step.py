@@ -26,7 +26,7 @@ import transformers
 
 from gt_ray import tasks
 from gt_ray.config import load_yaml
-from gt_ray.models import count_params, lm_loss, load_with_lora, prepare_model
+from gt_ray.models import lm_loss, load_with_lora, prepare_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +68,7 @@ def main() -> None:
         model_spec = getattr(cfg.pair, side)
         path = prepare_model(model_spec, cfg.cache_dir, cfg.tasks.names)
         lm = load_with_lora(path, cfg.pair.lora, seed, model_spec.dtype)
-        n_params = count_params(lm.model.get_base_model())
+        n_params = sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" not in n)
         for batch_size in args.batch_sizes:
             batch = tasks.encode_examples(lm.tokenizer, examples[:batch_size])
             for threads in args.threads:
@@ -78,7 +78,7 @@ def main() -> None:
                 rows.append({"model": side, "path": str(path), "params": n_params, "lora_values": lm.layout.n_layers * lm.layout.d_layer,
                              "batch_size": batch_size, "seq_len": batch.input_ids.shape[1], "threads": threads,
                              "step_s": s, "tokens_per_s": tokens / s})
-    print(f"LoRA step (forward + backward + AdamW), {cfg.pair.lora.rank=} on {cfg.pair.lora.target_modules}, "
+    print(f"LoRA step (forward + backward + AdamW), rank {cfg.pair.lora.rank} on {cfg.pair.lora.target_modules}, "
           f"median of {args.repeats}, load average {os.getloadavg()[0]:.2f}")
     print("| model | params | LoRA values | batch | tokens/seq | threads | ms/step | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
