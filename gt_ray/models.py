@@ -26,14 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gt_ray import tasks as tasks_mod
 from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
-from gt_ray.registry import converted_dir, fetch_model, get_model
+from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
 logger = logging.getLogger(__name__)
 
 CARD_VERSION = 1
-COMPLETE_MARKER = ".gt-ray-complete"
-"""Written last into a built model directory; a directory without it is rebuilt."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,10 +108,7 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
     (tmp / "gt_ray_build.json").write_text(json.dumps(
         {"arch": spec.arch, "pretrain": asdict(spec.pretrain), "params": count_params(model), **stats},
         indent=2, sort_keys=True))
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return publish_model_dir(tmp, out)
 
 
 def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names: list[str],

@@ -29,7 +29,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".gt-ray-complete"
-"""Written last into a converted model directory; one without it is converted again."""
+"""Written last into a model directory of the cache (converted here, or built by
+gt_ray.models); a directory without it is made again."""
 SOURCE_FILE = "gt_ray_source.json"
 """Provenance of a converted directory: package, version, file, sha256, seconds."""
 
@@ -154,10 +155,17 @@ def fetch_model(name: str | RegistryModel, cache_dir: str | Path) -> Path:
     source = {**asdict(entry), "gguf_path": str(gguf_path), "seconds": round(time.time() - t0, 1),
               "package_version": _version(entry.requirement.split("==")[0])}
     (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))
+    publish_model_dir(tmp, out)
+    logger.info("converted %s into %s in %.1f s", entry.name, out, time.time() - t0)
+    return out
+
+
+def publish_model_dir(tmp: Path, out: Path) -> Path:
+    """Mark a fully written ``tmp`` complete and move it to ``out`` (replacing a partial one),
+    so a cache directory is either absent or whole."""
     (tmp / COMPLETE_MARKER).write_text("ok\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    logger.info("converted %s into %s in %.1f s", entry.name, out, time.time() - t0)
     return out
 
 

@@ -21,7 +21,7 @@ from gt_ray import tasks
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
-from gt_ray.models import PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card, prepare_model
+from gt_ray.models import COMPLETE_MARKER, PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card, prepare_model
 from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, write_json
 
 CARD_FILE = "pair_card.json"
@@ -33,7 +33,7 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
     paths = {}
     for side in ("tiny", "llm"):
         spec = getattr(cfg.pair, side)
-        if spec.arch is not None and not (built_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / ".gt-ray-complete").exists():
+        if spec.arch is not None and not (built_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists():
             torch.set_num_threads(spec.pretrain.num_threads)
             bar = tqdm(total=spec.pretrain.steps, desc=f"pretrain {side}", unit="step", mininterval=2)
 
