@@ -30,6 +30,7 @@ from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, PairCard
+from gt_ray.registry import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +131,6 @@ def completed_subsets(directory: str | Path) -> set[int]:
     if not directory.is_dir():
         return set()
     return {int(p.name[6:11]) for p in directory.glob("shard-*.parquet")}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(directory: str | Path, card: PairCard, cfg: dict[str, Any], n_subsets: int) -> dict[str, Any]:

@@ -106,11 +106,17 @@ def locate_gguf(entry: RegistryModel) -> Path:
     return path
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
+def hash_file(h, path: str | Path) -> None:
+    """Feed a file's bytes into the hash object ``h``, 1 MiB at a time."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file (registry files here; corpus shards in gt_ray.corpus)."""
+    h = hashlib.sha256()
+    hash_file(h, path)
     return h.hexdigest()
 
 
@@ -141,7 +147,7 @@ def fetch_model(name: str | RegistryModel, cache_dir: str | Path) -> Path:
     """
     entry = name if isinstance(name, RegistryModel) else get_model(name)
     out = converted_dir(entry, cache_dir)
-    if (out / COMPLETE_MARKER).is_file():
+    if is_converted(entry, cache_dir):
         return out
     gguf_path = verify_gguf(entry)
     if importlib.util.find_spec("gguf") is None:
