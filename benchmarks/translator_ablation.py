@@ -1,12 +1,18 @@
-"""What moves the translator: variants trained in-process, scored on held-out subsets.
+"""The research bench: one row per lever of the translator, scored on the held-out test subsets.
 
-    .venv/bin/python benchmarks/translator_ablation.py [--config configs/tiny.yaml] [--epochs 100]
+    .venv/bin/python benchmarks/translator_ablation.py [--config configs/tiny.yaml] [--seeds 0 1 2] [--epochs 150]
 
-Each variant starts from the run's translator settings (config + the sweep's best YAML)
-and changes one thing: normalization (coordinate / global / none), snapshot augmentation
-(all snapshot rows vs final rows only), and size. Figures: the LLM's accuracy and answer
-NLL on each held-out subset's own task with the generated update, averaged over subsets,
-next to the nearest-neighbour baseline. Prints a table and writes JSON.
+Every variant starts from the run's translator settings (config + the sweep's best YAML)
+and changes one lever: the objective (MSE vs the LLM's answer loss), what chooses the
+epoch (validation MSE vs validation answer NLL), the decoder (autoregressive vs parallel),
+the snapshots (dense, sampled per epoch, vs the final one only) and the corpus size (half
+the training subsets). The protocol is the pipeline's: train / validation / test split by
+subset, validation chooses epochs, nothing is chosen on the test subsets; baselines (mean,
+ridge, nearest neighbour) are fit on the same training subsets. Figures: accuracy of the
+LLM with each update on the test subsets' own tasks (private_test inputs, which no shadow
+fine-tune saw), mean +- std over training seeds, also split into test subsets whose
+combination some training subset has ("seen") and those none has ("new"). Prints a table
+and writes JSON (default ``benchmarks/results/translator_ablation.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,52 +29,111 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gt_ray.baselines import NearestNeighbour  # noqa: E402
+from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
 from gt_ray.translator import train_translator  # noqa: E402
 from jobs.common import load_config  # noqa: E402
 from jobs.eval_translator import final_rows, held_out, score_predictions  # noqa: E402
-from jobs.train_translator import load_split, resolve_settings  # noqa: E402
+from jobs.train_translator import function_objective, load_split, resolve_settings  # noqa: E402
+
+
+def variants(model_cfg, train_cfg) -> dict:
+    """name -> (model config, train config, selects on answer NLL, data filter)."""
+    ar = dataclasses.replace(model_cfg, decoder="autoregressive")
+    par = dataclasses.replace(model_cfg, decoder="parallel")
+    fn = dataclasses.replace(train_cfg, objective="function")
+    mse = dataclasses.replace(train_cfg, objective="mse")
+    return {
+        "MSE, autoregressive, epoch on val MSE (the paper's recipe)": (ar, mse, False, "all"),
+        "MSE, autoregressive, epoch on val answer NLL": (ar, mse, True, "all"),
+        "MSE, parallel decoder, epoch on val answer NLL": (par, mse, True, "all"),
+        "function loss, autoregressive": (ar, fn, True, "all"),
+        "function loss, parallel decoder": (par, fn, True, "all"),
+        "function loss, parallel, final snapshot only": (par, dataclasses.replace(fn, sample_snapshots=False), True, "final"),
+        "function loss, parallel, half the training subsets": (par, fn, True, "half"),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.yaml")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
+    p.add_argument("--only", nargs="*", default=None, help="run only variants whose name contains one of these")
     p.add_argument("--out", default="benchmarks/results/translator_ablation.json")
     args = p.parse_args()
     torch.set_num_threads(2)
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)
     model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
-    train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
-    tr, va, _, _ = load_split(cfg, corpus)
-    tr_final, va_final_rows = final_rows(tr), final_rows(va)
-    _, va_final, tests, llm, scale, _ = held_out(cfg, corpus)
-    variants = {
-        "as configured (coordinate norm, all snapshots)": (model_cfg, tr),
-        "global normalization": (dataclasses.replace(model_cfg, normalization="global"), tr),
-        "no normalization": (dataclasses.replace(model_cfg, normalization="none"), tr),
-        "final snapshot only": (model_cfg, tr_final),
-        "wider (d_model 256, d_ff 1024)": (dataclasses.replace(model_cfg, d_model=256, d_ff=1024, num_heads=8), tr),
-    }
+    if args.epochs:
+        train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
+    tr, va, train_ids, val_ids = load_split(cfg, corpus)
+    _, te_final, tests, llm, scale, test_ids, seen = held_out(cfg, corpus)
+    objective = function_objective(corpus, train_ids, val_ids, train_cfg)
+    half = set(sorted(train_ids)[::2])
+    data = {"all": tr, "final": final_rows(tr),
+            "half": {k: v[torch.tensor([int(s) in half for s in tr["subset_id"].tolist()])] for k, v in tr.items()}}
+
     preds, info = {}, {}
-    for name, (mc, data) in variants.items():
-        t0 = time.time()
-        translator, hist = train_translator(data["tiny"], data["llm"], va_final_rows["tiny"], va_final_rows["llm"], train_cfg, mc)
-        preds[name] = translator.translate(va_final["tiny"])
-        info[name] = {"train_seconds": round(time.time() - t0, 1), "best_epoch": translator.metadata.get("best_epoch"),
-                      "best_val_loss": translator.metadata.get("best_val_loss")}
-    preds["nearest neighbour (k=1)"] = NearestNeighbour(k=1).fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(va_final["tiny"])
-    rows = score_predictions(preds, va_final, tests, llm, scale)
-    table = {n: {"accuracy": sum(r["accuracy"]) / len(r["accuracy"]), "nll": sum(r["nll"]) / len(r["nll"]), **info.get(n, {})}
-             for n, r in rows.items()}
-    print("| variant | accuracy | answer NLL | best val MSE | train s |")
-    print("|---|---|---|---|---|")
-    for n, r in table.items():
-        print(f"| {n} | {r['accuracy']:.3f} | {r['nll']:.3f} | {r.get('best_val_loss') or '-'} | {r.get('train_seconds', '-')} |")
+    for name, (mc, tc, on_nll, rows) in variants(model_cfg, train_cfg).items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        d = data[rows]
+        for seed in args.seeds:
+            t0 = time.time()
+            translator, hist = train_translator(
+                d["tiny"], d["llm"], va["tiny"], va["llm"], dataclasses.replace(tc, seed=seed), mc,
+                train_subsets=d["subset_id"], val_subsets=va["subset_id"], function=objective if on_nll else None)
+            key = f"{name} | seed {seed}"
+            preds[key] = translator.translate(te_final["tiny"])
+            info[key] = {"variant": name, "seed": seed, "train_seconds": round(time.time() - t0, 1),
+                         "best_epoch": translator.metadata.get("best_epoch"), "epochs": len(hist),
+                         "selected_on": translator.metadata.get("selected_on"),
+                         "best_val_loss": translator.metadata.get("best_val_loss")}
+            print(f"trained {key}: {info[key]}", flush=True)
+    for name, b in {"nearest neighbour (k=1)": NearestNeighbour(k=1), "ridge map": RidgeMap(), "mean shadow update": MeanUpdate()}.items():
+        preds[name] = b.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(te_final["tiny"])
+    preds["true LLM update (ceiling)"] = te_final["llm"]
+    rows = score_predictions(preds, te_final, tests, llm, scale)
+
+    def group_mean(acc: list[float], flag: bool) -> float:
+        xs = [a for a, s in zip(acc, seen) if s == flag]
+        return statistics.fmean(xs) if xs else float("nan")
+
+    table: dict[str, dict] = {}
+    for key, r in rows.items():
+        name = info[key]["variant"] if key in info else key
+        entry = table.setdefault(name, {"per_seed": [], "seen": [], "new": [], "nll": [], "train_seconds": [], "best_epoch": []})
+        entry["per_seed"].append(statistics.fmean(r["accuracy"]))
+        entry["seen"].append(group_mean(r["accuracy"], True))
+        entry["new"].append(group_mean(r["accuracy"], False))
+        entry["nll"].append(statistics.fmean(r["nll"]))
+        if key in info:
+            entry["train_seconds"].append(info[key]["train_seconds"])
+            entry["best_epoch"].append(info[key]["best_epoch"])
+    for entry in table.values():
+        acc = entry["per_seed"]
+        entry["accuracy"] = statistics.fmean(acc)
+        entry["accuracy_std"] = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        entry["accuracy_seen"] = statistics.fmean(entry["seen"])
+        entry["accuracy_new"] = statistics.fmean(entry["new"])
+    n_seen = sum(seen)
+    print(f"{len(test_ids)} test subsets ({n_seen} seen combination, {len(seen) - n_seen} new), "
+          f"{len(set(train_ids))} training subsets, seeds {args.seeds}")
+    print("| variant | test accuracy | seen | new | answer NLL | best epochs | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, e in table.items():
+        spread = f" +- {e['accuracy_std']:.3f}" if len(e["per_seed"]) > 1 else ""
+        epochs = "/".join(str(b) for b in e["best_epoch"]) or "-"
+        secs = f"{statistics.fmean(e['train_seconds']):.0f}" if e["train_seconds"] else "-"
+        print(f"| {name} | {e['accuracy']:.3f}{spread} | {e['accuracy_seen']:.3f} | {e['accuracy_new']:.3f} | "
+              f"{statistics.fmean(e['nll']):.3f} | {epochs} | {secs} |")
+    out = {"config": args.config, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "n_train_subsets": len(set(train_ids)),
+           "n_val_subsets": len(val_ids), "n_test_subsets": len(test_ids), "n_test_seen": n_seen, "variants": table,
+           "runs": info}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": args.config, "epochs": args.epochs, "variants": table}, indent=2))
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ class TaskConfig:
     """Concentration of the task mixture drawn for each dataset (subset or organization)."""
     hidden_param: bool = True
     """Fine-tuning prompts hide the task parameter k (each dataset has one secret k)."""
+    secret_per_task: bool = False
+    """Each dataset draws one secret k per task instead of one for all its tasks, so the
+    space of datasets (secrets x mixtures) is far larger than any shadow corpus covers."""
     data_files: dict[str, str] | None = None
     """Real data instead of generated tasks: split name (public, private_train,
     private_test) -> local JSONL or Parquet file with question/answer columns."""
@@ -247,8 +250,11 @@ class TranslatorSection:
     """gt_ray.translator.TranslatorConfig fields except the layouts (taken from the corpus)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, max_epochs=200, patience=20))
     """Optimization (gt_ray.translator.TrainConfig)."""
-    val_fraction: float = 0.2
-    """Fraction of shadow subsets held out for validation (split by subset, never by row)."""
+    val_fraction: float = 0.1
+    """Fraction of shadow subsets held out for validation (split by subset, never by row):
+    they choose epochs, sweep trials and variants."""
+    test_fraction: float = 0.2
+    """Fraction of shadow subsets held out for the held-out table only; nothing is chosen on them."""
     num_workers: int = 1
     """Ray Train data-parallel workers."""
     use_gpu: bool = False
@@ -262,6 +268,9 @@ class TranslatorSection:
 
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"test_fraction must be in (0, 1) and leave training subsets beside val_fraction, "
+                             f"got {self.test_fraction}")
         _positive(self, "num_workers")
         bad = {"d_tiny", "L_tiny", "d_llm", "L_llm"} & set(self.model)
         if bad:

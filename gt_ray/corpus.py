@@ -65,7 +65,8 @@ def plan_subsets(cfg: ExperimentConfig, n_subsets: int, seed: int) -> list[Shado
     out = []
     for i in range(n_subsets):
         rng = random.Random(f"shadow|{seed}|{i}")
-        spec = tasks.draw_dataset_spec(rng, SHADOW_SPLIT, cfg.tasks.names, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha)
+        spec = tasks.draw_dataset_spec(rng, SHADOW_SPLIT, cfg.tasks.names, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
+                                         cfg.tasks.secret_per_task)
         out.append(ShadowSubset(i, spec))
     return out
 
@@ -84,6 +85,7 @@ def corpus_schema(card: PairCard) -> pa.Schema:
             "tiny_fingerprint": card.tiny.layout_fingerprint, "llm_fingerprint": card.llm.layout_fingerprint}
     return pa.schema([
         ("subset_id", pa.int32()), ("step", pa.int32()), ("secret_k", pa.int32()), ("mixture", pa.string()),
+        ("secrets", pa.string()),
         ("data_seed", pa.int64()), ("train_seed", pa.int64()), ("n_examples", pa.int32()),
         ("tiny_loss", pa.float32()), ("llm_loss", pa.float32()),
         ("tiny", pa.list_(pa.float32(), card.tiny.n_layers * card.tiny.d_layer)),
@@ -105,7 +107,8 @@ def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft:
     for st, sl in zip(res_t.snapshots, res_l.snapshots):
         assert st.step == sl.step
         rows.append({"subset_id": subset.subset_id, "step": st.step, "secret_k": subset.spec.secret_k,
-                     "mixture": json.dumps(subset.spec.mixture, sort_keys=True), "data_seed": subset.spec.seed,
+                     "mixture": json.dumps(subset.spec.mixture, sort_keys=True),
+                     "secrets": json.dumps(subset.spec.secrets, sort_keys=True), "data_seed": subset.spec.seed,
                      "train_seed": train_seed, "n_examples": len(examples), "tiny_loss": st.loss, "llm_loss": sl.loss,
                      "tiny": st.update.reshape(-1).tolist(), "llm": sl.update.reshape(-1).tolist()})
     return rows
@@ -235,6 +238,17 @@ class Corpus:
     def subset_ids(self) -> list[int]:
         return sorted(int(n[6:11]) for n in self.manifest["shards"])
 
+    def subset_specs(self) -> dict[int, tasks.DatasetSpec]:
+        """What each shadow subset teaches (split, secrets, mixture, size, data seed), from
+        its rows: the provider owns these examples and regenerates them from the spec."""
+        cols = ["subset_id", "secret_k", "mixture", "secrets", "data_seed", "n_examples"]
+        out = {}
+        for r in self.dataset.to_table(columns=cols).to_pylist():
+            if r["subset_id"] not in out:
+                out[r["subset_id"]] = tasks.DatasetSpec(SHADOW_SPLIT, r["secret_k"], json.loads(r["mixture"]), r["n_examples"],
+                                                        r["data_seed"], json.loads(r["secrets"]))
+        return out
+
     def load(self, subset_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Load rows into memory (small corpora; use :class:`CorpusDataset` to stream).
 
@@ -285,15 +299,26 @@ class CorpusDataset(torch.utils.data.IterableDataset):
             yield from zip(t["tiny"], t["llm"])
 
 
-def split_by_subset(subset_ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split subset ids into train and validation (a subset is never on both sides)."""
+def split_by_subset(subset_ids: Sequence[int], val_fraction: float, test_fraction: float,
+                    seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Split subset ids into train, validation and test (a subset is on one side only).
+
+    Validation chooses (epochs, sweep trials, variants); test is only ever reported.
+
+    Raises:
+        ValueError: if fewer than 3 subsets are given or a side would be empty.
+    """
     ids = sorted(set(subset_ids))
-    if len(ids) < 2:
-        raise ValueError(f"need at least 2 subsets to split, got {len(ids)}")
+    if len(ids) < 3:
+        raise ValueError(f"need at least 3 subsets to split into train/validation/test, got {len(ids)}")
     rng = random.Random(seed)
     rng.shuffle(ids)
+    n_test = max(1, round(len(ids) * test_fraction))
     n_val = max(1, round(len(ids) * val_fraction))
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
+    if n_test + n_val >= len(ids):
+        raise ValueError(f"{len(ids)} subsets leave none for training with val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}")
+    return sorted(ids[n_test + n_val:]), sorted(ids[n_test:n_test + n_val]), sorted(ids[:n_test])
 
 
 def corpus_stats(corpus: Corpus) -> dict[str, Any]:

@@ -126,17 +126,19 @@ def pgr_base(p_method: float, p_llm_base: float, p_llm_ft: float) -> float:
     return (p_method - p_llm_base) / gap if gap != 0 else float("nan")
 
 
-def draw_org_specs(task_names: Sequence[str], n_orgs: int, seed: int, n_train: int, dirichlet_alpha: float):
-    """Simulated organizations: each a private_train dataset with its own secret k and mixture.
+def draw_org_specs(task_names: Sequence[str], n_orgs: int, seed: int, n_train: int, dirichlet_alpha: float,
+                   secret_per_task: bool = False):
+    """Simulated organizations: each a private_train dataset with its own secret(s) and mixture.
 
-    The org's test data is the same secret and mixture drawn from ``private_test``
+    The org's test data is the same secrets and mixture drawn from ``private_test``
     (``generate_dataset(spec, split="private_test", n=...)``), disjoint from its training inputs.
     """
     import random
 
     from gt_ray.tasks import draw_dataset_spec
 
-    return [draw_dataset_spec(random.Random(f"org|{seed}|{i}"), "private_train", task_names, n_train, dirichlet_alpha)
+    return [draw_dataset_spec(random.Random(f"org|{seed}|{i}"), "private_train", task_names, n_train, dirichlet_alpha,
+                              secret_per_task)
             for i in range(n_orgs)]
 
 

@@ -139,6 +139,9 @@ class SubmissionError(Exception):
 def parse_generated_spec(text: str) -> tasks.DatasetSpec:
     """Parse ``k=3,mix=caesar:0.5/add:0.5,split=private_train,n=256,seed=7`` (prefix optional).
 
+    ``ks=caesar:3/add:7`` gives one secret per task instead (every task of ``mix`` needs one);
+    ``k`` then defaults to the secret of the heaviest task.
+
     Args:
         text: the spec, with or without the ``generated:`` prefix.
 
@@ -156,12 +159,12 @@ def parse_generated_spec(text: str) -> tasks.DatasetSpec:
         key = key.strip()
         if not sep or not value.strip():
             raise ValueError(f"generated data spec {text!r}: expected key=value, got {part!r}")
-        if key not in ("split", "k", "mix", "n", "seed"):
-            raise ValueError(f"generated data spec {text!r}: unknown key {key!r} (known: split, k, mix, n, seed)")
+        if key not in ("split", "k", "ks", "mix", "n", "seed"):
+            raise ValueError(f"generated data spec {text!r}: unknown key {key!r} (known: split, k, ks, mix, n, seed)")
         if key in fields:
             raise ValueError(f"generated data spec {text!r}: {key!r} given twice")
         fields[key] = value.strip()
-    missing = [k for k in ("k", "mix") if k not in fields]
+    missing = [k for k in ("k", "mix") if k not in fields and not (k == "k" and "ks" in fields)]
     if missing:
         raise ValueError(f"generated data spec {text!r}: missing {', '.join(missing)} "
                          "(e.g. generated:k=3,mix=caesar:0.5/add:0.5,n=256,seed=7)")
@@ -169,9 +172,18 @@ def parse_generated_spec(text: str) -> tasks.DatasetSpec:
     if split not in tasks.PRIVATE_SPLITS:
         raise ValueError(f"generated data spec {text!r}: split must be one of the private splits "
                          f"{list(tasks.PRIVATE_SPLITS)}, got {split!r}: an organization's data is private")
-    k = _spec_int(text, "k", fields["k"])
-    if not 0 <= k < tasks.N_PARAMS:
-        raise ValueError(f"generated data spec {text!r}: k must be in 0..{tasks.N_PARAMS - 1}, got {k}")
+    secrets = None
+    if "ks" in fields:
+        secrets = {}
+        for item in fields["ks"].split("/"):
+            name, _, value = item.partition(":")
+            secrets[name.strip()] = _spec_int(text, f"ks[{name.strip()}]", value)
+    given = [(f"ks[{t}]", v) for t, v in (secrets or {}).items()]
+    if "k" in fields:
+        given.append(("k", _spec_int(text, "k", fields["k"])))
+    for name, k in given:
+        if not 0 <= k < tasks.N_PARAMS:
+            raise ValueError(f"generated data spec {text!r}: {name} must be in 0..{tasks.N_PARAMS - 1}, got {k}")
     n = _spec_int(text, "n", fields.get("n", str(FinetuneConfig.n_examples)))
     if n < 1:
         raise ValueError(f"generated data spec {text!r}: n must be >= 1, got {n}")
@@ -191,9 +203,12 @@ def parse_generated_spec(text: str) -> tasks.DatasetSpec:
         if not (math.isfinite(w) and w > 0):
             raise ValueError(f"generated data spec {text!r}: weight of {name!r} must be > 0, got {weight!r}")
         mixture[name] = w
+    if secrets is not None and set(secrets) != set(mixture):
+        raise ValueError(f"generated data spec {text!r}: ks must give one secret for each task of mix")
     total = math.fsum(mixture.values())
+    k = _spec_int(text, "k", fields["k"]) if "k" in fields else secrets[max(mixture, key=mixture.get)]
     return tasks.DatasetSpec(split=split, secret_k=k, mixture={t: w / total for t, w in mixture.items()},
-                             n=n, seed=seed)
+                             n=n, seed=seed, secrets=secrets)
 
 
 def _spec_int(text: str, key: str, value: str) -> int:

@@ -42,8 +42,11 @@ PRIVATE_SPLITS = ("private_train", "private_test")
 
 PAD = "<pad>"
 EOS = ";"
-WORLD_VERSION = 1
-"""Bump when generated data changes, so cached pretrained models are rebuilt."""
+WORLD_VERSION = 2
+"""Bump when generated data changes, so cached pretrained models are rebuilt.
+2: ``add`` takes 3-digit inputs (900 of them; 2-digit ones left only 59 public inputs)."""
+MIN_WEIGHT = 0.1
+"""A task with at least this mixture weight is part of a dataset's combination."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ TASKS: dict[str, Task] = {
         Task("caesar", "C", _letters(5), _caesar),
         Task("rotate", "R", _letters(7), _rotate),
         Task("index", "I", _letters(10), lambda s, k: s[k]),
-        Task("add", "A", lambda rng: str(rng.randrange(10, 100)), lambda s, k: str(int(s) + k)),
+        Task("add", "A", lambda rng: str(rng.randrange(100, 1000)), lambda s, k: str(int(s) + k)),
         Task("delete", "D", _letters(7), _delete),
     ]
 }
@@ -126,26 +129,48 @@ def sample_input(task: Task, split: str, rng: random.Random, max_tries: int = 10
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What one dataset teaches: its split, secret k, task mixture, size and seed."""
+    """What one dataset teaches: its split, secret(s), task mixture, size and seed.
+
+    With ``secrets`` every task has its own secret (``secret_k`` is then the secret of the
+    heaviest task, kept for reports); without it one ``secret_k`` serves every task.
+    """
 
     split: str
     secret_k: int
     mixture: dict[str, float]
     n: int
     seed: int
+    secrets: dict[str, int] | None = None
+
+    def secret(self, task: str) -> int:
+        """The secret k the dataset uses for ``task``."""
+        return self.secret_k if self.secrets is None else self.secrets[task]
+
+    def combination(self, min_weight: float = MIN_WEIGHT) -> frozenset[tuple[str, int]]:
+        """The (task, secret) pairs of the tasks weighing at least ``min_weight``: what a
+        fine-tune on this dataset mostly learns. Two datasets with equal combinations teach
+        nearly the same thing."""
+        return frozenset((t, self.secret(t)) for t, w in self.mixture.items() if w >= min_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def draw_dataset_spec(
-    rng: random.Random, split: str, task_names: Sequence[str], n: int, dirichlet_alpha: float
+    rng: random.Random, split: str, task_names: Sequence[str], n: int, dirichlet_alpha: float,
+    secret_per_task: bool = False,
 ) -> DatasetSpec:
-    """Draw a secret k and a Dirichlet(alpha) task mixture for a new dataset."""
+    """Draw a Dirichlet(alpha) task mixture and a secret k (one per task with
+    ``secret_per_task``) for a new dataset."""
     gammas = [rng.gammavariate(dirichlet_alpha, 1.0) for _ in task_names]
     total = sum(gammas) or 1.0
     mixture = {name: g / total for name, g in zip(task_names, gammas)}
-    return DatasetSpec(split=split, secret_k=rng.randrange(N_PARAMS), mixture=mixture, n=n, seed=rng.randrange(2**31))
+    secret_k = rng.randrange(N_PARAMS)
+    secrets = None
+    if secret_per_task:
+        secrets = {name: rng.randrange(N_PARAMS) for name in task_names}
+        secret_k = secrets[max(mixture, key=mixture.get)]
+    return DatasetSpec(split=split, secret_k=secret_k, mixture=mixture, n=n, seed=rng.randrange(2**31), secrets=secrets)
 
 
 def generate_dataset(spec: DatasetSpec, show_k: bool = False, split: str | None = None, n: int | None = None) -> list[Example]:
@@ -166,7 +191,7 @@ def generate_dataset(spec: DatasetSpec, show_k: bool = False, split: str | None 
     out = []
     for _ in range(n):
         task = TASKS[rng.choices(names, weights)[0]]
-        out.append(make_example(task, sample_input(task, split, rng), spec.secret_k, show_k))
+        out.append(make_example(task, sample_input(task, split, rng), spec.secret(task.name), show_k))
     return out
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ FINGERPRINTS_KEY = "fingerprints"
 
 NormalizationMode = Literal["coordinate", "global", "none"]
 NORMALIZATION_MODES = ("coordinate", "global", "none")
+DecoderMode = Literal["autoregressive", "parallel"]
+DECODER_MODES = ("autoregressive", "parallel")
+OBJECTIVES = ("mse", "function")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -92,6 +96,11 @@ class TranslatorConfig:
     pretrained_t5_path: str | None = None
     """Local T5 directory (config.json + weights) whose encoder/decoder stacks replace the
     random init. Use `TranslatorConfig.from_pretrained_t5` so the widths match it."""
+    decoder: DecoderMode = "autoregressive"
+    """"autoregressive": the paper's decoder, each LLM layer fed the previous output (KV
+    cache at inference, teacher forcing under the MSE objective). "parallel": one learned
+    query per LLM layer, all layers in one pass; it never reads its own outputs, so
+    training and inference see the same inputs (no exposure bias)."""
 
     def __post_init__(self) -> None:
         for name in ("d_tiny", "L_tiny", "d_llm", "L_llm", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -115,6 +124,8 @@ class TranslatorConfig:
             )
         if not self.norm_eps > 0:
             raise ValueError(f"TranslatorConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if self.decoder not in DECODER_MODES:
+            raise ValueError(f"TranslatorConfig.decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
         act = self.feed_forward_proj.split("-")
         if len(act) > 2 or (len(act) == 2 and act[0] != "gated"):
             raise ValueError(
@@ -177,7 +188,15 @@ class TranslatorConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimization of a translator (MSE in normalized space, teacher forcing)."""
+    """Optimization of a translator.
+
+    Objective "mse": MSE in normalized space, teacher-forced. Objective "function": the
+    LLM's answer loss with the generated update plugged in, on the training subset's own
+    examples (see `gt_ray.function_loss`), plus `mse_weight` x the normalized MSE, both on
+    the decoded output (what inference produces). With an LLM at hand (a
+    `FunctionObjective`), epochs are chosen on the validation subsets' answer NLL whatever
+    the objective; without one, on validation MSE.
+    """
 
     lr: float = 3e-4
     """Peak AdamW learning rate (the fragile one: tune it)."""
@@ -200,6 +219,15 @@ class TrainConfig:
     val_autoregressive: bool = True
     """Early-stop on the MSE of autoregressive decoding (what inference does) instead of
     the teacher-forced MSE; both are logged in the history."""
+    objective: str = "mse"
+    """"mse" or "function" (see the class docstring)."""
+    mse_weight: float = 0.1
+    """Weight of the normalized MSE beside the answer loss under the function objective."""
+    examples_per_subset: int = 16
+    """Function objective: the subset's examples drawn per update per step."""
+    sample_snapshots: bool = False
+    """Each epoch takes one random snapshot row per training subset (dense snapshots as
+    augmentation) instead of every row."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -215,6 +243,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.warmup < 0:
             raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.mse_weight < 0:
+            raise ValueError(f"TrainConfig.mse_weight must be >= 0, got {self.mse_weight}")
+        if self.examples_per_subset < 1:
+            raise ValueError(f"TrainConfig.examples_per_subset must be >= 1, got {self.examples_per_subset}")
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-ready dict."""
@@ -401,7 +435,8 @@ class GradTransformer(nn.Module):
         self.enc_pos = nn.Parameter(torch.randn(cfg.L_tiny, d) * 0.02)  # (L_tiny, d_model)
         self.dec_pos = nn.Parameter(torch.randn(cfg.L_llm, d) * 0.02)  # (L_llm, d_model)
         self.start = nn.Parameter(torch.randn(d) * 0.02)  # (d_model,)
-        self.emb_proj = nn.Linear(cfg.d_llm, d)
+        # The parallel decoder never reads outputs back: no embedding projection to train.
+        self.emb_proj = nn.Linear(cfg.d_llm, d) if cfg.decoder == "autoregressive" else None
         self.out_proj = nn.Linear(d, cfg.d_llm)
 
         enc_cfg, dec_cfg = _stack_configs(self.t5_config)
@@ -448,7 +483,8 @@ class GradTransformer(nn.Module):
             x: normalized TinyLM vectors, (B, L_tiny, d_tiny).
             y_prev: normalized target LLM vectors, (B, T, d_llm) with 1 <= T <= L_llm,
                 usually T = L_llm. The decoder reads [start, emb_proj(y_prev[:, :-1])],
-                so output t sees only y_prev[:, :t]. None calls `translate(x)`.
+                so output t sees only y_prev[:, :t]. None (or a parallel decoder, which reads
+                no targets) calls `translate(x)`.
 
         Returns:
             Predicted normalized LLM vectors, (B, T, d_llm) (T = L_llm without y_prev).
@@ -457,7 +493,7 @@ class GradTransformer(nn.Module):
             ValueError: on wrong shapes.
         """
         self._check_x(x)
-        if y_prev is None:
+        if y_prev is None or self.cfg.decoder == "parallel":
             return self.translate(x)
         B = x.shape[0]
         ok = y_prev.ndim == 3 and y_prev.shape[0] == B and y_prev.shape[2] == self.cfg.d_llm
@@ -488,6 +524,8 @@ class GradTransformer(nn.Module):
         self._check_x(x)
         B = x.shape[0]
         memory = self.encode(x)  # (B, L_tiny, d_model)
+        if self.cfg.decoder == "parallel":  # every layer's query is start + its position
+            return self._decode(self.start.expand(B, self.cfg.L_llm, -1), memory, 0, cache=None)  # (B, L_llm, d_llm)
         token = self.start.expand(B, 1, -1)  # (B, 1, d_model)
         outputs: list[torch.Tensor] = []
         if use_cache:
@@ -611,28 +649,37 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     grad_clip: float | None = None,
+    function: FunctionLoss | None = None,
 ) -> float:
-    """One pass of teacher-forced MSE training over normalized pairs.
+    """One pass over normalized pairs: teacher-forced MSE, or the function objective.
 
     Works unchanged on a DDP-wrapped model with a distributed loader.
 
     Args:
         model: GradTransformer or DDP(GradTransformer), put in train mode here.
-        loader: yields (x, y) batches, (B, L_tiny, d_tiny) and (B, L_llm, d_llm), normalized.
+        loader: yields (x, y) or (x, y, subset_id) batches, (B, L_tiny, d_tiny) and
+            (B, L_llm, d_llm) normalized, (B,) long.
         optimizer: the optimizer.
         scheduler: stepped once per optimizer step, if given.
         grad_clip: max global grad norm, or None.
+        function: with it, the loss is the LLM's answer loss with the decoded update
+            plus `function.mse_weight` x MSE (needs subset ids in the batches).
 
     Returns:
-        Mean training MSE over this worker's samples.
+        Mean training loss over this worker's samples.
     """
     model.train()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x, y in loader:
+    for x, y, *rest in loader:
         x, y = x.to(device), y.to(device)
-        pred = model(x, y)  # (B, L_llm, d_llm)
-        loss = F.mse_loss(pred, y)
+        if function is None:
+            pred = model(x, y)  # (B, L_llm, d_llm), teacher-forced
+            loss = F.mse_loss(pred, y)
+        else:
+            pred = model(x)  # (B, L_llm, d_llm), decoded as at inference
+            raw = function.denormalize(pred)
+            loss = function.loss(raw, rest[0].tolist()) + function.mse_weight * F.mse_loss(pred, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -667,6 +714,43 @@ def evaluate_mse(model: nn.Module, loader: DataLoader, autoregressive: bool = Tr
         total += F.mse_loss(pred, y, reduction="sum").item() / y[0].numel()
         count += x.shape[0]
     return total / max(count, 1)
+
+
+@dataclass
+class FunctionLoss:
+    """The function objective inside training: a `FunctionObjective` (LLM + examples),
+    the normalizer to go back to raw vectors, and the draw's randomness."""
+
+    objective: Any  # gt_ray.function_loss.FunctionObjective (kept untyped: no import cycle)
+    normalizer: Normalizer
+    mse_weight: float
+    rng: Any
+
+    def denormalize(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.normalizer.denormalize_y(pred)
+
+    def loss(self, raw: torch.Tensor, subset_ids: list[int]) -> torch.Tensor:
+        return self.objective.train_loss(raw, subset_ids, self.rng)
+
+
+@torch.no_grad()
+def evaluate_answer_nll(model: nn.Module, x: torch.Tensor, subset_ids: list[int], normalizer: Normalizer,
+                        objective: Any, batch_size: int = 64) -> float:
+    """Validation answer NLL of the LLM with the decoded updates (what inference produces).
+
+    Args:
+        model: GradTransformer or a DDP wrapper of one.
+        x: normalized TinyLM vectors of the validation rows, (M, L_tiny, d_tiny).
+        subset_ids: the rows' subsets, len M.
+        normalizer: maps the decoded output back to raw vectors.
+        objective: a `gt_ray.function_loss.FunctionObjective`.
+    """
+    net: GradTransformer = getattr(model, "module", model)
+    net.eval()
+    device = next(net.parameters()).device
+    raw = torch.cat([normalizer.denormalize_y(net.translate(x[i:i + batch_size].to(device)))
+                     for i in range(0, x.shape[0], batch_size)])
+    return objective.val_nll(raw, subset_ids)
 
 
 @dataclass
@@ -731,9 +815,14 @@ def train_translator(
     device: str | torch.device = "cpu",
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
     prepare_train_loader: Callable[[DataLoader], DataLoader] | None = None,
+    train_subsets: torch.Tensor | None = None,
+    val_subsets: torch.Tensor | None = None,
+    function: Any = None,
 ) -> tuple[Translator, list[dict[str, float]]]:
-    """Trains a translator with early stopping on validation MSE; returns the best weights.
+    """Trains a translator with early stopping on a validation loss; returns the best weights.
 
+    The validation loss is the answer NLL of the LLM with the decoded updates on the
+    validation subsets' examples when ``function`` is given, else the validation MSE.
     Deterministic given cfg.seed (on CPU); the caller's global RNG state is left untouched.
 
     Args:
@@ -751,13 +840,20 @@ def train_translator(
         prepare_train_loader: shards the training loader across workers (e.g. Ray
             Train's ``prepare_data_loader``). Validation is never sharded: every worker
             scores the whole validation set, so all take the same early-stopping decision.
+        train_subsets: (N,) subset id of each training row; needed by the function
+            objective and by snapshot sampling (default: every row its own subset).
+        val_subsets: (M,) subset id of each validation row (needed with ``function``).
+        function: a `gt_ray.function_loss.FunctionObjective` holding the frozen LLM and the
+            subsets' examples; required by ``cfg.objective == "function"``.
 
     Returns:
         (translator in eval mode on `device`, history): one dict per epoch with epoch,
-        train_loss, val_loss (the early-stopping MSE), val_tf_loss, val_ar_loss, lr, seconds.
+        train_loss, val_loss (the early-stopping figure), val_nll, val_tf_loss, val_ar_loss,
+        lr, seconds.
 
     Raises:
-        ValueError: on inconsistent shapes or non-finite values.
+        ValueError: on inconsistent shapes or non-finite values, or the function
+            objective without ``function`` / subset ids.
     """
     if model_config is None:
         model_config = TranslatorConfig(
@@ -765,35 +861,68 @@ def train_translator(
         )
     _check_pairs(train_x, train_y, model_config, "train")
     _check_pairs(val_x, val_y, model_config, "val")
+    if cfg.objective == "function" and function is None:
+        raise ValueError("objective 'function' needs a FunctionObjective (the LLM and the subsets' examples)")
+    if train_subsets is None:
+        train_subsets = torch.arange(train_x.shape[0])
+    if function is not None and val_subsets is None:
+        raise ValueError("scoring on validation answer NLL needs val_subsets")
+    if train_subsets.shape[0] != train_x.shape[0] or (val_subsets is not None and val_subsets.shape[0] != val_x.shape[0]):
+        raise ValueError("train_subsets / val_subsets need one id per row")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
+        rng = random.Random(cfg.seed)
         normalizer = Normalizer.fit(train_x, train_y, model_config.normalization, model_config.norm_eps)
         core = GradTransformer(model_config).to(device)
         model = prepare_model(core) if prepare_model is not None else core
         device = next(core.parameters()).device
-        train_set = TensorDataset(normalizer.normalize_x(train_x.float()), normalizer.normalize_y(train_y.float()))
-        val_set = TensorDataset(normalizer.normalize_x(val_x.float()), normalizer.normalize_y(val_y.float()))
+        normalizer = normalizer.to(device)
+        train_set = TensorDataset(normalizer.normalize_x(train_x.float().to(device)).cpu(),
+                                  normalizer.normalize_y(train_y.float().to(device)).cpu(), train_subsets.long())
+        val_xn = normalizer.normalize_x(val_x.float().to(device)).cpu()
+        val_set = TensorDataset(val_xn, normalizer.normalize_y(val_y.float().to(device)).cpu())
         generator = torch.Generator().manual_seed(cfg.seed)
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator)
-        if prepare_train_loader is not None:
-            train_loader = prepare_train_loader(train_loader)
+        rows_of: dict[int, list[int]] = {}
+        for i, sid in enumerate(train_subsets.tolist()):
+            rows_of.setdefault(sid, []).append(i)
+
+        def epoch_loader() -> DataLoader:
+            data = train_set
+            if cfg.sample_snapshots:  # one random snapshot of each subset this epoch
+                data = torch.utils.data.Subset(train_set, [rng.choice(rows_of[s]) for s in sorted(rows_of)])
+            loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+            return prepare_train_loader(loader) if prepare_train_loader is not None else loader
+
+        train_loader = epoch_loader()
         val_loader = DataLoader(val_set, batch_size=max(cfg.batch_size, 64))
         optimizer, scheduler = make_optimizer(model, cfg)
         stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+        fn_loss = None
+        if cfg.objective == "function":
+            fn_loss = FunctionLoss(function, normalizer, cfg.mse_weight, rng)
+        val_ids = None if val_subsets is None else val_subsets.tolist()
         history: list[dict[str, float]] = []
 
         for epoch in range(cfg.max_epochs):
             t0 = time.perf_counter()
-            train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.grad_clip)
+            if cfg.sample_snapshots and epoch > 0:
+                train_loader = epoch_loader()
+            train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.grad_clip, fn_loss)
             val_tf = evaluate_mse(model, val_loader, autoregressive=False)
             val_ar = evaluate_mse(model, val_loader, autoregressive=True) if cfg.val_autoregressive else math.nan
-            val_loss = val_ar if cfg.val_autoregressive else val_tf
+            val_nll = math.nan
+            if function is not None:
+                val_nll = evaluate_answer_nll(model, val_xn, val_ids, normalizer, function)
+                val_loss = val_nll
+            else:
+                val_loss = val_ar if cfg.val_autoregressive else val_tf
             history.append(
                 {
                     "epoch": epoch,
                     "train_loss": train_loss,
                     "val_loss": val_loss,
+                    "val_nll": val_nll,
                     "val_tf_loss": val_tf,
                     "val_ar_loss": val_ar,
                     "lr": scheduler.get_last_lr()[0],
@@ -818,7 +947,8 @@ def train_translator(
         core.load_state_dict(stopper.best_state)
     translator = Translator(model_config, core, normalizer.to(device), train_config=cfg)
     best = stopper.best_loss if math.isfinite(stopper.best_loss) else None
-    translator.metadata.update({"best_epoch": stopper.best_epoch, "best_val_loss": best})
+    translator.metadata.update({"best_epoch": stopper.best_epoch, "best_val_loss": best,
+                                "selected_on": "val_answer_nll" if function is not None else "val_mse"})
     return translator.eval(), history
 
 

@@ -1,18 +1,22 @@
-"""Vector-level and function-level evaluation of the translator on held-out shadow subsets.
+"""Vector-level and function-level evaluation of the translator on held-out test subsets.
 
     gt-ray translator eval --config configs/tiny.yaml
 
-For every validation subset (never seen in training): the translator's LLM vector from the
-subset's final TinyLM vector, against three baselines fitted on the training subsets (mean
-LLM vector, ridge map, nearest-neighbour retrieval with k=1 and k=3); figures are cosine
-and relative L2 error on raw LoRA coordinates and in weight space (B @ A per module), and
-the LLM's answer NLL / accuracy on fresh examples of the subset's own task with the
-update applied. ``true`` is the LLM's own fine-tuned update (the ceiling), ``base`` none.
+For every test subset (never used to train or to choose anything: not the validation
+subsets that chose epochs and sweep trials): the translator's LLM vector from the subset's
+final TinyLM vector, against baselines fitted on exactly the translator's training subsets
+(mean LLM vector, ridge map, nearest-neighbour retrieval with k=1 and k=3); figures are
+cosine and relative L2 error on raw LoRA coordinates and in weight space (B @ A per module),
+and the LLM's answer NLL / accuracy with the update applied on examples of the subset's own
+task drawn from the ``private_test`` input pool, which no shadow fine-tune ever saw.
+``true`` is the LLM's own fine-tuned update (the ceiling), ``base`` none. Subsets are also
+grouped by whether some training subset teaches the same combination (tasks of weight >=
+``tasks.MIN_WEIGHT`` with the same secrets).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 
 import torch
@@ -24,7 +28,7 @@ from gt_ray.corpus import Corpus
 from gt_ray.evaluate import score_update
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import kv, work_dir, write_json
-from jobs.train_translator import load_corpus_and_translator, load_split
+from jobs.train_translator import load_corpus_and_translator, subset_split
 
 EVAL_FILE = "translator_eval.json"
 N_TEST = 200
@@ -40,23 +44,27 @@ def final_rows(data: dict) -> dict:
     return {k: v[idx] for k, v in data.items()}
 
 
-def held_out(cfg: ExperimentConfig, corpus: Corpus):
-    """The training rows, the validation subsets' final rows, their test examples and the LLM.
+def held_out(cfg: ExperimentConfig, corpus: Corpus, n_test: int = N_TEST):
+    """The training rows, the test subsets' final rows, their test examples and the LLM.
 
     Returns:
-        (train rows, validation final rows, one test list per validation subset, LoadedModel
-        of the card's LLM, its LoRA scale alpha / r, validation subset ids)
+        (train rows, test final rows, one test list per test subset, LoadedModel of the
+        card's LLM, its LoRA scale alpha / r, test subset ids, whether each test subset's
+        combination is taught by some training subset)
     """
     card = PairCard.load(corpus.directory / "pair_card.json")
-    tr, va, _, val_ids = load_split(cfg, corpus)
-    va_final = final_rows(va)
-    meta = {r["subset_id"]: r for r in corpus.dataset.to_table(columns=["subset_id", "secret_k", "mixture", "data_seed"]).to_pylist()}
-    tests = []
-    for sid in va_final["subset_id"].tolist():
-        m = meta[sid]  # fresh examples of the subset's own task: same split, secret and mixture
-        tests.append(tasks.generate_dataset(tasks.DatasetSpec("public", m["secret_k"], json.loads(m["mixture"]), N_TEST, m["data_seed"] + 1)))
+    train_ids, _, test_ids = subset_split(cfg, corpus)
+    tr = corpus.load(train_ids)
+    te_final = final_rows(corpus.load(test_ids))
+    specs = corpus.subset_specs()
+    seen_combos = {specs[i].combination() for i in train_ids}
+    tests, seen = [], []
+    for sid in te_final["subset_id"].tolist():
+        spec = specs[sid]  # the subset's own task (secrets, mixture) on inputs no shadow fine-tune saw
+        tests.append(tasks.generate_dataset(dataclasses.replace(spec, split="private_test"), n=n_test))
+        seen.append(spec.combination() in seen_combos)
     lora = LoraSpec(**card.lora)
-    return tr, va_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, val_ids
+    return tr, te_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, test_ids, seen
 
 
 def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: float) -> dict:
@@ -79,7 +87,7 @@ def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: floa
 def evaluate(cfg: ExperimentConfig) -> dict:
     torch.set_num_threads(2)
     corpus, translator = load_corpus_and_translator(cfg)
-    tr, va_final, tests, llm, scale, val_ids = held_out(cfg, corpus)
+    tr, va_final, tests, llm, scale, test_ids, seen = held_out(cfg, corpus)
     methods = {"mean": MeanUpdate(), "ridge": RidgeMap(), "nn1": NearestNeighbour(k=1), "nn3": NearestNeighbour(k=3)}
     preds = {name: m.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(va_final["tiny"]) for name, m in methods.items()}
     preds["grad_transformer"] = translator.translate(va_final["tiny"])
@@ -93,22 +101,32 @@ def evaluate(cfg: ExperimentConfig) -> dict:
             for key in ("cosine", "rel_l2", "weight_cosine", "weight_rel_l2"):
                 entry[key] = _mean([v[key] for v in r["vector"]])
         table[name] = entry
-    out = {"n_val_subsets": len(val_ids), "n_test_per_subset": N_TEST, "methods": table,
+    groups = {}
+    for group, flag in (("seen", True), ("unseen", False)):
+        idx = [i for i, s in enumerate(seen) if s == flag]
+        groups[group] = {"n_subsets": len(idx),
+                         **{name: _mean([r["accuracy"][i] for i in idx]) for name, r in rows.items()}}
+    out = {"n_test_subsets": len(test_ids), "n_train_subsets": len(set(tr["subset_id"].tolist())),
+           "n_test_per_subset": N_TEST, "methods": table, "groups": groups, "seen": seen,
            "per_subset": {name: {"nll": r["nll"], "accuracy": r["accuracy"]} for name, r in rows.items()},
-           "val_subsets": val_ids}
+           "test_subsets": test_ids}
     write_json(work_dir(cfg) / EVAL_FILE, out)
     print(format_table(out))
     return out
 
 
 def format_table(out: dict) -> str:
-    lines = [f"held-out subsets: {out['n_val_subsets']}, {out['n_test_per_subset']} test examples each",
+    lines = [f"held-out test subsets: {out['n_test_subsets']} ({out['groups']['seen']['n_subsets']} whose combination a "
+             f"training subset has, {out['groups']['unseen']['n_subsets']} new), {out['n_test_per_subset']} test examples each",
              "| update | cosine | rel L2 | weight cosine | weight rel L2 | answer NLL | accuracy |", "|---|---|---|---|---|---|---|"]
     order = ["base", "mean", "ridge", "nn1", "nn3", "grad_transformer", "true"]
     for name in order:
         m = out["methods"][name]
         f = lambda k: f"{m[k]:.3f}" if k in m else "-"
         lines.append(f"| {name} | {f('cosine')} | {f('rel_l2')} | {f('weight_cosine')} | {f('weight_rel_l2')} | {m['nll']:.3f} | {m['accuracy']:.3f} |")
+    g = out["groups"]
+    lines.append("accuracy by group (seen / new combination): " + ", ".join(
+        f"{name} {g['seen'][name]:.3f} / {g['unseen'][name]:.3f}" for name in order))
     return "\n".join(lines)
 
 

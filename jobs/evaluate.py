@@ -8,8 +8,16 @@ LLM base, TinyLM fine-tuned (what the org can do alone), LLM fine-tuned (the cei
 the data), LLM + Grad-Transformer update (the method), LLM + mean shadow update, ridge map,
 nearest-neighbour update, and proxy-tuning. Plus rows for all organizations together:
 aggregate-then-translate and translate-then-aggregate, evaluated on the union of the test
-splits. PGR on organization-averaged figures; the spread is over seeds. Nothing here tunes
-on the test splits.
+splits.
+
+The protocol: every learned or retrieved method (translator, mean, ridge, nearest
+neighbour) is fit on exactly the translator's training subsets; organizations' data comes
+from the private input pools, which no shadow fine-tune saw. PGR is the ratio of
+seed-averaged (and organization-averaged) accuracies; the per-seed PGR spread and the
+count of organizations where the translator beats nearest neighbour and the TinyLM are
+reported beside it. Organizations fall into two groups: those whose combination (tasks of
+weight >= ``tasks.MIN_WEIGHT`` with their secrets) some training subset has, and those none
+has. Nothing here tunes on the test splits.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from gt_ray import tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.evaluate import (Scores, draw_org_specs, proxy_tuning_logits, score, score_model, score_update,
-                             shares_vocabulary, summarize)
+from gt_ray.evaluate import (Scores, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
+                             score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import base_parser, kv, load_config, work_dir, write_json
@@ -51,7 +59,12 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     translate = translate or translator.translate
     card = PairCard.load(corpus.directory / "pair_card.json")
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
-    shadow = corpus.load()
+    from jobs.train_translator import subset_split
+
+    train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else
+    shadow = corpus.load(train_ids)
+    specs = corpus.subset_specs()
+    seen_combos = {specs[i].combination() for i in train_ids}
     baselines = {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(), "nearest_neighbour": NearestNeighbour(k=1)}
     for b in baselines.values():
         b.fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
@@ -59,7 +72,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0)
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos)
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     write_json(work_dir(cfg) / RESULTS_FILE, out)
@@ -67,8 +80,9 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     return out
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0) -> dict:
-    specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha)
+def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset()) -> dict:
+    specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
+                           cfg.tasks.secret_per_task)
     per_org: dict[str, list[Scores]] = {m: [] for m in ORG_METHODS if shared_vocab or m != "proxy_tuning"}
     tiny_vecs, llm_vecs, trains, tests, orgs = [], [], [], [], []
     for j, spec in enumerate(specs):
@@ -90,7 +104,8 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0) -> di
             per_org[name].append(score_update(llm, b.predict(tiny_vec.unsqueeze(0))[0], test))
         tiny_vecs.append(tiny_vec)
         llm_vecs.append(llm_vec)
-        orgs.append({"secret_k": spec.secret_k, "mixture": spec.mixture,
+        orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture,
+                     "seen": spec.combination() in seen_combos,
                      "accuracy": {m: per_org[m][-1].accuracy for m in per_org}})
         kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
            llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
@@ -105,42 +120,91 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0) -> di
 
 
 def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
+    """Seed-averaged table. PGR is the ratio of seed-averaged accuracies (not the mean of
+    per-seed ratios, which a small per-seed gap blows up); the per-seed spread is beside it."""
     methods = list(next(iter(per_seed.values()))["summary"])
-    keys = ["accuracy", "nll", "pgr_accuracy", "pgr_base_accuracy", "pgr_nll", "pgr_base_nll"]
     table = {}
     for m in methods:
         table[m] = {}
-        for k in keys:
+        for k in ("accuracy", "nll", "pgr_accuracy", "pgr_base_accuracy"):
             vals = [per_seed[s]["summary"][m][k] for s in per_seed]
-            table[m][k] = statistics.fmean(vals)
-            table[m][k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            key = k if k in ("accuracy", "nll") else "per_seed_" + k
+            table[m][key] = statistics.fmean(vals)
+            table[m][key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    for m in methods:
+        for metric in ("accuracy", "nll"):
+            table[m][f"pgr_{metric}"] = pgr(table[m][metric], table["tiny_ft"][metric], table["llm_ft"][metric])
+            table[m][f"pgr_base_{metric}"] = pgr_base(table[m][metric], table["llm_base"][metric], table["llm_ft"][metric])
     multi = {}
     for k in next(iter(per_seed.values()))["multi"]:
         multi[k] = {"accuracy": statistics.fmean(per_seed[s]["multi"][k]["accuracy"] for s in per_seed),
                     "nll": statistics.fmean(per_seed[s]["multi"][k]["nll"] for s in per_seed)}
+    orgs = [o for s in per_seed for o in per_seed[s]["orgs"]]
     gt, best_base = table["grad_transformer"], max(("mean_shadow", "ridge", "nearest_neighbour"), key=lambda m: table[m]["accuracy"])
     verdict = {m: gt["accuracy"] > table[m]["accuracy"] for m in ("mean_shadow", "ridge", "nearest_neighbour")}
-    return {"methods": table, "multi_org": multi, "per_seed": per_seed, "seeds": list(per_seed), "n_orgs": cfg.eval.n_orgs,
+    return {"methods": table, "groups": group_table(orgs, methods), "counts": org_counts(orgs),
+            "multi_org": multi, "per_seed": per_seed, "seeds": list(per_seed), "n_orgs": cfg.eval.n_orgs,
             "n_test": cfg.eval.n_test, "beats": verdict, "best_baseline": best_base,
             "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED}
 
 
+def group_table(orgs: list[dict], methods: list[str]) -> dict:
+    """Accuracy per method over the organizations whose combination a training subset has
+    ("seen") and those none has ("unseen"), with PGR of the group's averages."""
+    out = {}
+    for group, flag in (("seen", True), ("unseen", False)):
+        members = [o for o in orgs if o["seen"] == flag]
+        entry: dict = {"n_orgs": len(members)}
+        if members:
+            acc = {m: statistics.fmean(o["accuracy"][m] for o in members) for m in methods}
+            entry["accuracy"] = acc
+            entry["pgr_accuracy"] = {m: pgr(acc[m], acc["tiny_ft"], acc["llm_ft"]) for m in methods}
+            entry["pgr_base_accuracy"] = {m: pgr_base(acc[m], acc["llm_base"], acc["llm_ft"]) for m in methods}
+        out[group] = entry
+    return out
+
+
+def org_counts(orgs: list[dict], margin: float = 0.2) -> dict:
+    """How many organizations (over all seeds) the translator wins or loses on."""
+    gt = [o["accuracy"]["grad_transformer"] for o in orgs]
+    return {"n": len(orgs),
+            "beats_nearest_neighbour": sum(g > o["accuracy"]["nearest_neighbour"] for g, o in zip(gt, orgs)),
+            "ties_nearest_neighbour": sum(g == o["accuracy"]["nearest_neighbour"] for g, o in zip(gt, orgs)),
+            "beats_tiny_ft": sum(g > o["accuracy"]["tiny_ft"] for g, o in zip(gt, orgs)),
+            f"below_tiny_ft_by_more_than_{margin}": sum(g < o["accuracy"]["tiny_ft"] - margin for g, o in zip(gt, orgs)),
+            "llm_ft_failed_below_0.5": sum(o["accuracy"]["llm_ft"] < 0.5 for o in orgs)}
+
+
 def format_results(out: dict) -> str:
     n = len(out["seeds"])
-    lines = [f"{out['n_orgs']} organizations x {n} seed(s), {out['n_test']} test examples each; mean +- std over seeds",
-             "| update | accuracy | answer NLL | PGR (acc) | PGR_base (acc) | PGR (NLL) |", "|---|---|---|---|---|---|"]
+    lines = [f"{out['n_orgs']} organizations x {n} seed(s), {out['n_test']} test examples each; mean +- std over seeds; "
+             "PGR of seed-averaged accuracies (per-seed spread in brackets)",
+             "| update | accuracy | answer NLL | PGR (acc) | PGR_base (acc) |", "|---|---|---|---|---|"]
     for m, r in out["methods"].items():
         lines.append(f"| {LABELS[m]} | {r['accuracy']:.3f} +- {r['accuracy_std']:.3f} | {r['nll']:.3f} | "
-                     f"{r['pgr_accuracy']:.2f} +- {r['pgr_accuracy_std']:.2f} | {r['pgr_base_accuracy']:.2f} | {r['pgr_nll']:.2f} |")
+                     f"{r['pgr_accuracy']:.2f} (+- {r['per_seed_pgr_accuracy_std']:.2f}) | {r['pgr_base_accuracy']:.2f} |")
     if "proxy_tuning" not in out["methods"]:
-        lines.append(f"| {LABELS['proxy_tuning']} | {out['proxy_tuning']} | | | | |")
+        lines.append(f"| {LABELS['proxy_tuning']} | {out['proxy_tuning']} | | | |")
     for m, r in out["multi_org"].items():
-        lines.append(f"| {LABELS.get(m, m)} (union of test splits) | {r['accuracy']:.3f} | {r['nll']:.3f} | | | |")
+        lines.append(f"| {LABELS.get(m, m)} (union of test splits) | {r['accuracy']:.3f} | {r['nll']:.3f} | | |")
     beats = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in out["beats"].items())
     lines.append(f"Grad-Transformer beats -> {beats}. Proxy-tuning: {out['proxy_tuning']}.")
+    for group, g in out["groups"].items():
+        if g["n_orgs"]:
+            acc = g["accuracy"]
+            lines.append(f"{group} combinations ({g['n_orgs']} orgs): " + ", ".join(
+                f"{m} {acc[m]:.3f}" for m in ("tiny_ft", "llm_ft", "grad_transformer", "nearest_neighbour", "ridge", "mean_shadow"))
+                + f"; PGR {g['pgr_accuracy']['grad_transformer']:.2f}")
+        else:
+            lines.append(f"{group} combinations: no organization")
+    c = out["counts"]
+    lines.append(f"Of {c['n']} organizations, the translator beats nearest neighbour on {c['beats_nearest_neighbour']} "
+                 f"(ties {c['ties_nearest_neighbour']}) and the TinyLM on {c['beats_tiny_ft']}; it is more than 0.2 below "
+                 f"the TinyLM on {c['below_tiny_ft_by_more_than_0.2']}; LLM fine-tunes below 0.5: {c['llm_ft_failed_below_0.5']}.")
     lines.append("")
     lines.append("Per-organization accuracy (first seed): " + "; ".join(
-        f"org{j} k={o['secret_k']}: tiny {o['accuracy']['tiny_ft']:.2f} / gen {o['accuracy']['grad_transformer']:.2f} / llm {o['accuracy']['llm_ft']:.2f}"
+        f"org{j} {'seen' if o['seen'] else 'new'}: tiny {o['accuracy']['tiny_ft']:.2f} / gen {o['accuracy']['grad_transformer']:.2f} / "
+        f"nn {o['accuracy']['nearest_neighbour']:.2f} / llm {o['accuracy']['llm_ft']:.2f}"
         for j, o in enumerate(out["per_seed"][out["seeds"][0]]["orgs"])))
     return "\n".join(lines)
 

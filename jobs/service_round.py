@@ -117,10 +117,12 @@ def run_round(cfg: ExperimentConfig, card_path: Path, url: str, tokens: dict, se
     r = requests.post(f"{url}/v1/rounds", json={"round_id": round_id, "rule": "mean",
                                                 "expected_orgs": list(tokens["orgs"])}, headers=admin, timeout=60)
     r.raise_for_status()
-    specs = draw_org_specs(cfg.tasks.names, len(tokens["orgs"]), seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha)
+    specs = draw_org_specs(cfg.tasks.names, len(tokens["orgs"]), seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
+                           cfg.tasks.secret_per_task)
     for (org_id, token), spec in zip(tokens["orgs"].items(), specs):
-        mix = "/".join(f"{t}:{w:.6f}" for t, w in spec.mixture.items())
-        data = f"generated:k={spec.secret_k},mix={mix},split=private_train,n={spec.n},seed={spec.seed}"
+        mix = "/".join(f"{t}:{w:.6g}" for t, w in spec.mixture.items())
+        secrets = "" if spec.secrets is None else ",ks=" + "/".join(f"{t}:{spec.secrets[t]}" for t in spec.mixture)
+        data = f"generated:k={spec.secret_k}{secrets},mix={mix},split=private_train,n={spec.n},seed={spec.seed}"
         path, _ = finetune_org(card, data, out / f"{org_id}.safetensors", cfg=cfg.finetune, org_id=org_id,
                                round_id=round_id, seed=spec.seed)
         receipt = submit_vector(url, token, round_id, org_id, path)

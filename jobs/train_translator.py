@@ -2,8 +2,9 @@
 
     gt-ray translator train --config configs/tiny.yaml [--address ...]
 
-Train/validation split by shadow subset (never the same subset on both sides), early
-stopping on validation MSE, checkpoint = safetensors + JSON with the pair card's
+Train / validation / test split by shadow subset (a subset is on one side only; test is
+never used here), early stopping on the validation subsets' answer NLL of the LLM with the
+decoded update (the LLM is loaded on the worker), checkpoint = safetensors + JSON with the pair card's
 fingerprints and the normalization statistics, in ``{work_dir}/translator``. The sweep's
 best config (``{work_dir}/translator_best.yaml``, from ``gt-ray translator tune``) overrides
 the config's model/train values when it exists. A rerun with an unchanged corpus and
@@ -70,9 +71,41 @@ def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorC
     return model_cfg, train_cfg, {"settings_source": source}
 
 
+def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:
+    """Train, validation and test subset ids: the one split every stage and method uses."""
+    try:
+        return split_by_subset(corpus.subset_ids, cfg.translator.val_fraction, cfg.translator.test_fraction, cfg.seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[dict, dict, list[int], list[int]]:
-    train_ids, val_ids = split_by_subset(corpus.subset_ids, cfg.translator.val_fraction, cfg.seed)
+    """Training and validation rows and their subset ids (the test subsets stay unread)."""
+    train_ids, val_ids, _ = subset_split(cfg, corpus)
     return corpus.load(train_ids), corpus.load(val_ids), train_ids, val_ids
+
+
+def function_objective(corpus: Corpus, train_ids: list[int], val_ids: list[int], train_cfg: TrainConfig,
+                       device: str | torch.device = "cpu"):
+    """The card's LLM, frozen, with the training and validation subsets' examples."""
+    from gt_ray.config import LoraSpec
+    from gt_ray.function_loss import shadow_objective
+    from gt_ray.models import PairCard, load_card_side
+
+    card = PairCard.load(corpus.directory / "pair_card.json")
+    llm = load_card_side(card, "llm")
+    llm.model.to(device)
+    lora = LoraSpec(**card.lora)
+    return shadow_objective(corpus, llm, lora.alpha / lora.rank, train_ids, val_ids, train_cfg.examples_per_subset)
+
+
+def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Corpus, model_cfg: TranslatorConfig,
+        train_cfg: TrainConfig, **kwargs):
+    """``train_translator`` on the split, scored by what the update does (validation answer NLL)."""
+    device = kwargs.get("device", "cpu")
+    objective = function_objective(corpus, train_ids, val_ids, train_cfg, device)
+    return train_translator(tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg,
+                            train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective, **kwargs)
 
 
 # ----------------------------------------------------------------------------- per worker
@@ -98,8 +131,8 @@ def translator_worker(config: dict) -> None:
                   f"seconds={time.time() - t0:.1f}", flush=True)
         return False
 
-    translator, history = train_translator(
-        tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg, on_epoch=on_epoch,
+    translator, history = fit(
+        tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch,
         device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
         prepare_train_loader=ray.train.torch.prepare_data_loader)
     if rank == 0:
@@ -120,6 +153,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False
         raise UserError(str(e)) from None
     model_cfg, train_cfg, extra = resolve_settings(cfg, corpus)
     key = config_hash({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "val_fraction": cfg.translator.val_fraction,
+                       "test_fraction": cfg.translator.test_fraction,
                        "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
     out = translator_dir(cfg)
     meta_path = out / CONFIG_FILENAME

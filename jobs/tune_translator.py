@@ -20,9 +20,9 @@ import yaml
 
 from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus
-from gt_ray.translator import TrainConfig, TranslatorConfig, train_translator
+from gt_ray.translator import TrainConfig, TranslatorConfig
 from jobs.common import UserError, init_ray, kv, work_dir
-from jobs.train_translator import BEST_CONFIG_FILE, load_split, resolve_settings
+from jobs.train_translator import BEST_CONFIG_FILE, fit, load_split, resolve_settings
 
 SEARCH_KEYS = ("lr", "d_model", "num_layers", "dropout", "batch_size")
 
@@ -32,13 +32,14 @@ def trial_name(trial) -> str:
 
 
 def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict, base_train: dict) -> None:
-    """One Tune trial: train a translator with the trial's hyperparameters, report val_loss per epoch."""
+    """One Tune trial: train a translator with the trial's hyperparameters, report val_loss
+    (the validation subsets' answer NLL with the decoded update) per epoch."""
     from ray import tune
 
     torch.set_num_threads(1)
     cfg: ExperimentConfig = from_dict(ExperimentConfig, experiment)
     corpus = Corpus(corpus_dir, verify=False)
-    tr, va, _, _ = load_split(cfg, corpus)
+    tr, va, train_ids, val_ids = load_split(cfg, corpus)
     model = {**base_model, "d_model": config["d_model"], "num_layers": config["num_layers"], "dropout": config["dropout"]}
     if model["d_model"] % model["num_heads"]:
         model["num_heads"] = math.gcd(model["d_model"], model["num_heads"])
@@ -50,7 +51,7 @@ def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict
         tune.report({"val_loss": val_loss if math.isfinite(val_loss) else 1e9, "train_loss": train_loss, "epoch": epoch})
         return False
 
-    train_translator(tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg, on_epoch=on_epoch)
+    fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch)
 
 
 def tune(cfg: ExperimentConfig, address: str | None = None) -> Path:

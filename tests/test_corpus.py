@@ -131,10 +131,15 @@ def test_completed_subsets_ignores_temporary_files(tmp_path):
 
 
 def test_split_by_subset_has_no_overlap():
-    train, val = split_by_subset(range(40), 0.2, seed=3)
-    assert not set(train) & set(val) and len(val) == 8 and sorted(train + val) == list(range(40))
-    with pytest.raises(ValueError, match="need at least 2 subsets"):
-        split_by_subset([1], 0.2, 0)
+    train, val, test = split_by_subset(range(40), 0.1, 0.2, seed=3)
+    assert len(val) == 4 and len(test) == 8 and sorted(train + val + test) == list(range(40))
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert split_by_subset(range(40), 0.1, 0.2, seed=3) == (train, val, test)  # seeded
+    assert split_by_subset(range(40), 0.1, 0.2, seed=4) != (train, val, test)
+    with pytest.raises(ValueError, match="need at least 3 subsets"):
+        split_by_subset([1, 2], 0.2, 0.2, 0)
+    with pytest.raises(ValueError, match="leave none for training"):
+        split_by_subset(range(4), 0.5, 0.5, 0)
 
 
 def test_stats(built):

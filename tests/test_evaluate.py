@@ -120,9 +120,37 @@ def test_results_table_names_why_proxy_tuning_was_skipped():
     methods = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour"]
     summary = summarize({m: [s(0.1 * (i + 1))] for i, m in enumerate(methods)})
     multi = {"agg_then_translate": {"accuracy": 0.5, "nll": 1.0}}
-    orgs = [{"secret_k": 3, "accuracy": {m: 0.5 for m in methods}}]
+    orgs = [{"secret_k": 3, "seen": True, "accuracy": {m: 0.5 for m in methods}}]
     per_seed = {0: {"summary": summary, "multi": multi, "orgs": orgs}}
     root = Path(__file__).resolve().parents[1]
     out = combine(per_seed, load_yaml(root / "configs/ci.yaml"), shared_vocab=False)
     assert out["proxy_tuning"] == PROXY_SKIPPED and "proxy_tuning" not in out["methods"]
-    assert f"| proxy-tuning | {PROXY_SKIPPED} | | | | |" in format_results(out).splitlines()
+    assert f"| proxy-tuning | {PROXY_SKIPPED} | | | |" in format_results(out).splitlines()
+    assert "unseen combinations: no organization" in format_results(out)
+
+
+def test_pgr_is_the_ratio_of_seed_averaged_accuracies_with_counts_and_groups():
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import combine
+
+    methods = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour"]
+    # seed 0: a tiny gap (PGR 5.0); seed 1: a wide one (PGR 0.5)
+    acc = {0: dict(llm_base=0.0, tiny_ft=0.60, llm_ft=0.62, grad_transformer=0.70, mean_shadow=0.0, ridge=0.1,
+                   nearest_neighbour=0.8),
+           1: dict(llm_base=0.0, tiny_ft=0.40, llm_ft=1.00, grad_transformer=0.70, mean_shadow=0.0, ridge=0.1,
+                   nearest_neighbour=0.5)}
+    per_seed = {}
+    for seed, a in acc.items():
+        orgs = [{"seen": seed == 0, "accuracy": a}]
+        per_seed[seed] = {"summary": summarize({m: [Scores(a[m], 1 - a[m], 10)] for m in methods}),
+                          "multi": {"x": {"accuracy": 0.5, "nll": 1.0}}, "orgs": orgs}
+    out = combine(per_seed, load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml"), shared_vocab=False)
+    gt = out["methods"]["grad_transformer"]
+    # (0.70 - 0.50) / (0.81 - 0.50), not the mean of the per-seed ratios (2.75)
+    assert gt["pgr_accuracy"] == pytest.approx(0.2 / 0.31)
+    assert gt["per_seed_pgr_accuracy"] == pytest.approx(2.75)
+    assert gt["pgr_base_accuracy"] == pytest.approx(0.70 / 0.81)
+    assert out["counts"] == {"n": 2, "beats_nearest_neighbour": 1, "ties_nearest_neighbour": 0, "beats_tiny_ft": 2,
+                             "below_tiny_ft_by_more_than_0.2": 0, "llm_ft_failed_below_0.5": 0}
+    assert out["groups"]["seen"]["n_orgs"] == 1 and out["groups"]["unseen"]["n_orgs"] == 1
+    assert out["groups"]["unseen"]["pgr_accuracy"]["grad_transformer"] == pytest.approx(0.5)

@@ -44,6 +44,15 @@ def vector_file(card_path, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------ data
 
 
+def test_generated_spec_takes_one_secret_per_task():
+    spec = org.parse_generated_spec("generated:ks=caesar:2/add:9,mix=caesar:1/add:3,n=10,seed=7")
+    assert spec.secrets == {"caesar": 2, "add": 9} and spec.secret_k == 9  # the heaviest task's
+    with pytest.raises(ValueError, match="one secret for each task of mix"):
+        org.parse_generated_spec("generated:ks=caesar:2,mix=caesar:1/add:3")
+    with pytest.raises(ValueError, match=r"ks\[add\] must be in 0..9"):
+        org.parse_generated_spec("generated:ks=caesar:2/add:12,mix=caesar:1/add:3")
+
+
 def test_generated_spec_parses_and_refuses_public_and_typos():
     spec = org.parse_generated_spec("generated:k=3,mix=caesar:1/add:3,n=10,seed=7")
     assert (spec.split, spec.secret_k, spec.n, spec.seed) == ("private_train", 3, 10, 7)

@@ -48,6 +48,31 @@ def test_dataset_spec_draws_mixture_and_secret():
     assert len({round(s.mixture["add"], 6) for s in specs}) == 20
 
 
+def test_secret_per_task_gives_each_task_its_own_secret_and_a_combination():
+    specs = [tasks.draw_dataset_spec(random.Random(i), "public", list(tasks.TASKS), 40, 0.5, secret_per_task=True)
+             for i in range(30)]
+    assert all(set(s.secrets) == set(tasks.TASKS) for s in specs)
+    assert any(len(set(s.secrets.values())) > 1 for s in specs)
+    for s in specs:
+        heaviest = max(s.mixture, key=s.mixture.get)
+        assert s.secret_k == s.secrets[heaviest]
+        assert s.combination() == {(t, s.secrets[t]) for t, w in s.mixture.items() if w >= tasks.MIN_WEIGHT}
+    spec = tasks.DatasetSpec("public", 0, {"add": 0.5, "index": 0.5}, 60, 3, secrets={"add": 4, "index": 7})
+    for ex in tasks.generate_dataset(spec):
+        x = ex.prompt[3:-1]
+        assert ex.answer == (f"{int(x) + 4};" if ex.task == "add" else f"{x[7]};")
+    assert spec.combination() == {("add", 4), ("index", 7)}
+    one = tasks.DatasetSpec("public", 5, {"add": 0.95, "index": 0.05}, 1, 1)
+    assert one.combination() == {("add", 5)} and one.secret("index") == 5
+
+
+def test_add_inputs_are_three_digits_so_every_pool_has_many():
+    rng = random.Random(0)
+    pools = {split: {tasks.sample_input(tasks.TASKS["add"], split, rng) for _ in range(2000)} for split in tasks.SPLITS}
+    assert all(100 <= int(x) <= 999 for p in pools.values() for x in p)
+    assert min(len(p) for p in pools.values()) > 100
+
+
 def test_hidden_k_examples_share_one_secret():
     spec = tasks.DatasetSpec("public", 6, {"add": 1.0}, 30, 2)
     for ex in tasks.generate_dataset(spec):

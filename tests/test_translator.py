@@ -359,3 +359,51 @@ def test_save_refuses_bad_metadata(tmp_path):
         save_translator(untrained_translator(), tmp_path, {"fingerprints": {"tiny": 3}})
     with pytest.raises(ValueError, match="not JSON-serializable"):
         save_translator(untrained_translator(), tmp_path, {"tensor": torch.zeros(1)})
+
+
+# ----------------------------------------------------------------- decoder, objectives
+
+
+def test_parallel_decoder_reads_no_targets_and_round_trips(tmp_path):
+    model = tiny_model(decoder="parallel")
+    assert model.emb_proj is None
+    x, y = linear_pairs(3, seed=5)
+    out = model.translate(x)
+    assert out.shape == (3, L_LLM, D_LLM)
+    assert_close(model(x, y), out)  # teacher forcing has nothing to feed: the same pass
+    assert_close(model(x, torch.zeros_like(y)), out)
+    translator = untrained_translator(decoder="parallel")
+    save_translator(translator, tmp_path, {"fingerprints": FINGERPRINTS})
+    loaded = load_translator(tmp_path)
+    assert loaded.config.decoder == "parallel"
+    assert torch.equal(loaded.translate(x), translator.translate(x))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        tiny_config(decoder="sideways")
+
+
+def test_train_config_checks_the_objective():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="kl")
+    with pytest.raises(ValueError, match="mse_weight must be >= 0"):
+        TrainConfig(mse_weight=-1)
+    x, y = linear_pairs(8, seed=0)
+    with pytest.raises(ValueError, match="needs a FunctionObjective"):
+        train_translator(x, y, x, y, TrainConfig(objective="function", max_epochs=1), model_config=tiny_config())
+
+
+def test_sampled_snapshots_take_one_row_per_subset_each_epoch():
+    x, y = linear_pairs(12, seed=0)
+    subsets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])  # 3 subsets x 4 snapshots
+    seen: list[list[int]] = []
+
+    def record(loader):
+        seen.append([int(s) for _, _, s in loader.dataset])
+        return loader
+
+    cfg = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, patience=3, sample_snapshots=True)
+    train_translator(x, y, x[:4], y[:4], cfg, model_config=tiny_config(), train_subsets=subsets, prepare_train_loader=record)
+    assert len(seen) == 3 and all(sorted(s) == [0, 1, 2] for s in seen)
+    seen.clear()
+    train_translator(x, y, x[:4], y[:4], TrainConfig(lr=1e-3, batch_size=2, max_epochs=2, patience=2), model_config=tiny_config(),
+                     train_subsets=subsets, prepare_train_loader=record)
+    assert len(seen) == 1 and len(seen[0]) == 12  # every row, one loader
