@@ -156,3 +156,39 @@ def summarize(per_org: dict[str, list[Scores]]) -> dict[str, dict[str, float]]:
             a[f"pgr_{metric}"] = pgr(a[metric], avg["tiny_ft"][metric], avg["llm_ft"][metric])
             a[f"pgr_base_{metric}"] = pgr_base(a[metric], avg["llm_base"][metric], avg["llm_ft"][metric])
     return avg
+
+
+class SecretProbe:
+    """Multinomial logistic regression from TinyLM update vectors to a dataset's secret k.
+
+    Checks the method's premise directly: a TinyLM update identifies what the data is about
+    (its secret) even where the TinyLM executes it poorly. Features are standardized per
+    coordinate with the training rows' statistics; L2-regularized, full-batch LBFGS.
+    """
+
+    def __init__(self, n_classes: int, l2: float = 1e-3, steps: int = 200) -> None:
+        self.n_classes, self.l2, self.steps = n_classes, l2, steps
+
+    def fit(self, x: torch.Tensor, k: torch.Tensor) -> "SecretProbe":
+        """Args: x (N, L, d) TinyLM vectors; k (N,) long secrets."""
+        xf = x.reshape(x.shape[0], -1).double()
+        self.mean, self.std = xf.mean(0), xf.std(0).clamp_min(1e-12)
+        z = (xf - self.mean) / self.std
+        self.w = torch.zeros(z.shape[1], self.n_classes, dtype=torch.float64, requires_grad=True)
+        self.b = torch.zeros(self.n_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([self.w, self.b], max_iter=self.steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(z @ self.w + self.b, k) + self.l2 * self.w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return self
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, d) -> (N,) predicted secrets."""
+        z = (x.reshape(x.shape[0], -1).double() - self.mean) / self.std
+        return (z @ self.w + self.b).argmax(1)

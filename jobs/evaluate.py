@@ -32,7 +32,7 @@ from gt_ray import tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.evaluate import (Scores, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
+from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import PairCard, load_card_side
@@ -68,11 +68,13 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     baselines = {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(), "nearest_neighbour": NearestNeighbour(k=1)}
     for b in baselines.values():
         b.fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
+    # the premise: does a TinyLM update say what the data is about (the heaviest task's secret)?
+    probe = SecretProbe(tasks.N_PARAMS).fit(shadow["tiny"], shadow["secret_k"])
     shared_vocab = shares_vocabulary(tiny.tokenizer, llm.tokenizer)
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos)
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe)
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     write_json(work_dir(cfg) / RESULTS_FILE, out)
@@ -80,7 +82,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     return out
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset()) -> dict:
+def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset(), probe=None) -> dict:
     specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
                            cfg.tasks.secret_per_task)
     per_org: dict[str, list[Scores]] = {m: [] for m in ORG_METHODS if shared_vocab or m != "proxy_tuning"}
@@ -106,6 +108,7 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_
         llm_vecs.append(llm_vec)
         orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture,
                      "seen": spec.combination() in seen_combos,
+                     "probe_correct": None if probe is None else int(probe.predict(tiny_vec[None])[0]) == spec.secret_k,
                      "accuracy": {m: per_org[m][-1].accuracy for m in per_org}})
         kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
            llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
@@ -142,7 +145,7 @@ def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
     orgs = [o for s in per_seed for o in per_seed[s]["orgs"]]
     gt, best_base = table["grad_transformer"], max(("mean_shadow", "ridge", "nearest_neighbour"), key=lambda m: table[m]["accuracy"])
     verdict = {m: gt["accuracy"] > table[m]["accuracy"] for m in ("mean_shadow", "ridge", "nearest_neighbour")}
-    return {"methods": table, "groups": group_table(orgs, methods), "counts": org_counts(orgs),
+    return {"methods": table, "groups": group_table(orgs, methods), "counts": org_counts(orgs), "secret_probe": probe_table(orgs),
             "multi_org": multi, "per_seed": per_seed, "seeds": list(per_seed), "n_orgs": cfg.eval.n_orgs,
             "n_test": cfg.eval.n_test, "beats": verdict, "best_baseline": best_base,
             "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED}
@@ -162,6 +165,16 @@ def group_table(orgs: list[dict], methods: list[str]) -> dict:
             entry["pgr_base_accuracy"] = {m: pgr_base(acc[m], acc["llm_base"], acc["llm_ft"]) for m in methods}
         out[group] = entry
     return out
+
+
+def probe_table(orgs: list[dict], weak: float = 0.5) -> dict:
+    """Accuracy of the secret probe (fit on the training subsets' TinyLM vectors) on the
+    organizations' TinyLM vectors: all of them, and those whose TinyLM ft scores below ``weak``."""
+    scored = [o for o in orgs if o.get("probe_correct") is not None]
+    low = [o for o in scored if o["accuracy"]["tiny_ft"] < weak]
+    mean = lambda xs: statistics.fmean(o["probe_correct"] for o in xs) if xs else float("nan")  # noqa: E731
+    return {"chance": 1 / 10, "accuracy": mean(scored), "n": len(scored), f"accuracy_tiny_ft_below_{weak}": mean(low),
+            f"n_tiny_ft_below_{weak}": len(low)}
 
 
 def org_counts(orgs: list[dict], margin: float = 0.2) -> dict:
@@ -201,6 +214,10 @@ def format_results(out: dict) -> str:
     lines.append(f"Of {c['n']} organizations, the translator beats nearest neighbour on {c['beats_nearest_neighbour']} "
                  f"(ties {c['ties_nearest_neighbour']}) and the TinyLM on {c['beats_tiny_ft']}; it is more than 0.2 below "
                  f"the TinyLM on {c['below_tiny_ft_by_more_than_0.2']}; LLM fine-tunes below 0.5: {c['llm_ft_failed_below_0.5']}.")
+    p = out.get("secret_probe")
+    if p and p["n"]:
+        lines.append(f"Secret probe on the organizations' TinyLM updates: {p['accuracy']:.2f} (chance {p['chance']:.2f}); "
+                     f"on the {p['n_tiny_ft_below_0.5']} whose TinyLM ft scores below 0.5: {p['accuracy_tiny_ft_below_0.5']:.2f}")
     lines.append("")
     lines.append("Per-organization accuracy (first seed): " + "; ".join(
         f"org{j} {'seen' if o['seen'] else 'new'}: tiny {o['accuracy']['tiny_ft']:.2f} / gen {o['accuracy']['grad_transformer']:.2f} / "

@@ -36,6 +36,21 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
     assert (work / "results.png").stat().st_size > 1000
     assert (work / "training_curves.png").stat().st_size > 1000
     assert (work / "translator_best.yaml").is_file()
+    # the protocol: train / validation / test subsets disjoint, test only reported, epochs on val answer NLL
+    meta = json.loads((work / "translator" / "translator.json").read_text())["metadata"]
+    held = json.loads((work / "translator_eval.json").read_text())
+    train, val, test = set(meta["train_subsets"]), set(meta["val_subsets"]), set(held["test_subsets"])
+    assert train and val and test and not (train & val or train & test or val & test)
+    assert meta["selected_on"] == "val_answer_nll"
+    assert held["groups"]["seen"]["n_subsets"] + held["groups"]["unseen"]["n_subsets"] == len(test)
+    counts = results["counts"]
+    assert counts["n"] == len(results["seeds"]) * results["n_orgs"]
+    assert sum(g["n_orgs"] for g in results["groups"].values()) == counts["n"]
+    m = results["methods"]
+    gap = m["llm_ft"]["accuracy"] - m["tiny_ft"]["accuracy"]
+    if gap:
+        assert m["grad_transformer"]["pgr_accuracy"] == pytest.approx(
+            (m["grad_transformer"]["accuracy"] - m["tiny_ft"]["accuracy"]) / gap)
     first = capsys.readouterr().out
     assert "stage=sweep status=done" in first
     demo.main(["--config", str(path)])

@@ -154,3 +154,16 @@ def test_pgr_is_the_ratio_of_seed_averaged_accuracies_with_counts_and_groups():
                              "below_tiny_ft_by_more_than_0.2": 0, "llm_ft_failed_below_0.5": 0}
     assert out["groups"]["seen"]["n_orgs"] == 1 and out["groups"]["unseen"]["n_orgs"] == 1
     assert out["groups"]["unseen"]["pgr_accuracy"]["grad_transformer"] == pytest.approx(0.5)
+
+
+def test_secret_probe_reads_the_secret_off_update_vectors():
+    from gt_ray.evaluate import SecretProbe
+
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 2, 6, generator=g)  # one direction per secret
+    k = torch.randint(0, 4, (200,), generator=g)
+    x = directions[k] * 0.01 + 0.01 * torch.randn(200, 2, 6, generator=g)
+    probe = SecretProbe(4).fit(x[:150], k[:150])
+    assert (probe.predict(x[150:]) == k[150:]).float().mean() > 0.9
+    noise = torch.randn(200, 2, 6, generator=g)  # no signal: about chance
+    assert (SecretProbe(4).fit(noise[:150], k[:150]).predict(noise[150:]) == k[150:]).float().mean() < 0.6
