@@ -48,6 +48,7 @@ NORMALIZATION_MODES = ("coordinate", "global", "none")
 DecoderMode = Literal["autoregressive", "parallel"]
 DECODER_MODES = ("autoregressive", "parallel")
 OBJECTIVES = ("mse", "function")
+HEADS = ("direct", "retrieval")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -101,6 +102,12 @@ class TranslatorConfig:
     cache at inference, teacher forcing under the MSE objective). "parallel": one learned
     query per LLM layer, all layers in one pass; it never reads its own outputs, so
     training and inference see the same inputs (no exposure bias)."""
+    head: str = "direct"
+    """"direct": the decoder's output is the update. "retrieval" (parallel decoder only):
+    soft attention over the training subsets' real LLM updates, plus the decoder's output as
+    a learned residual, so the output starts as a mixture of valid updates."""
+    bank_size: int = 0
+    """Retrieval head: number of stored training updates (set by training from the data)."""
 
     def __post_init__(self) -> None:
         for name in ("d_tiny", "L_tiny", "d_llm", "L_llm", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -126,6 +133,12 @@ class TranslatorConfig:
             raise ValueError(f"TranslatorConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.decoder not in DECODER_MODES:
             raise ValueError(f"TranslatorConfig.decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"TranslatorConfig.head must be one of {HEADS}, got {self.head!r}")
+        if self.head == "retrieval" and self.decoder != "parallel":
+            raise ValueError("TranslatorConfig.head 'retrieval' needs decoder 'parallel'")
+        if self.bank_size < 0:
+            raise ValueError(f"TranslatorConfig.bank_size must be >= 0, got {self.bank_size}")
         act = self.feed_forward_proj.split("-")
         if len(act) > 2 or (len(act) == 2 and act[0] != "gated"):
             raise ValueError(
@@ -438,6 +451,14 @@ class GradTransformer(nn.Module):
         # The parallel decoder never reads outputs back: no embedding projection to train.
         self.emb_proj = nn.Linear(cfg.d_llm, d) if cfg.decoder == "autoregressive" else None
         self.out_proj = nn.Linear(d, cfg.d_llm)
+        if cfg.head == "retrieval":
+            # The bank: one normalized (TinyLM, LLM) pair per training subset, and its subset
+            # id, so training can hide a row's own subset (else it learns to retrieve itself).
+            self.register_buffer("bank_x", torch.zeros(cfg.bank_size, cfg.L_tiny, cfg.d_tiny))
+            self.register_buffer("bank_y", torch.zeros(cfg.bank_size, cfg.L_llm, cfg.d_llm))
+            self.register_buffer("bank_ids", torch.full((cfg.bank_size,), -1, dtype=torch.long))
+            self.query_proj = nn.Linear(d, d)
+            self.key_proj = nn.Linear(d, d)
 
         enc_cfg, dec_cfg = _stack_configs(self.t5_config)
         if load_pretrained:
@@ -476,7 +497,25 @@ class GradTransformer(nn.Module):
         ).last_hidden_state  # (B, T, d_model)
         return self.out_proj(out)  # (B, T, d_llm)
 
-    def forward(self, x: torch.Tensor, y_prev: torch.Tensor | None = None) -> torch.Tensor:
+    def set_bank(self, x: torch.Tensor, y: torch.Tensor, subset_ids: torch.Tensor) -> None:
+        """Store the retrieval head's bank: normalized (K, L_tiny, d_tiny), (K, L_llm, d_llm), (K,)."""
+        if self.cfg.head != "retrieval" or x.shape[0] != self.cfg.bank_size:
+            raise ValueError(f"set_bank needs head 'retrieval' and {self.cfg.bank_size} rows, got {x.shape[0]}")
+        self.bank_x.copy_(x)
+        self.bank_y.copy_(y)
+        self.bank_ids.copy_(subset_ids)
+
+    def _retrieve(self, memory: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+        # memory: (B, L_tiny, d_model); returns a softmax mixture of bank updates, (B, L_llm, d_llm).
+        q = self.query_proj(memory.mean(1))  # (B, d_model)
+        k = self.key_proj(self.encode(self.bank_x).mean(1))  # (K, d_model)
+        scores = q @ k.T / math.sqrt(q.shape[-1])  # (B, K)
+        if exclude is not None:
+            scores = scores.masked_fill(self.bank_ids[None, :] == exclude.to(scores.device)[:, None], float("-inf"))
+        return torch.einsum("bk,kld->bld", torch.softmax(scores, dim=-1), self.bank_y)
+
+    def forward(self, x: torch.Tensor, y_prev: torch.Tensor | None = None,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced prediction (training), or autoregressive decoding without y_prev.
 
         Args:
@@ -491,10 +530,12 @@ class GradTransformer(nn.Module):
 
         Raises:
             ValueError: on wrong shapes.
+
+        ``exclude`` (B,) hides bank rows of these subset ids from the retrieval head.
         """
         self._check_x(x)
         if y_prev is None or self.cfg.decoder == "parallel":
-            return self.translate(x)
+            return self.translate(x, exclude=exclude)
         B = x.shape[0]
         ok = y_prev.ndim == 3 and y_prev.shape[0] == B and y_prev.shape[2] == self.cfg.d_llm
         if not (ok and 1 <= y_prev.shape[1] <= self.cfg.L_llm):
@@ -506,7 +547,7 @@ class GradTransformer(nn.Module):
         tokens = torch.cat([start, self.emb_proj(y_prev[:, :-1])], dim=1)  # (B, T, d_model)
         return self._decode(tokens, memory, 0, cache=None)  # (B, T, d_llm)
 
-    def translate(self, x: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
+    def translate(self, x: torch.Tensor, use_cache: bool = True, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Decodes the LLM layers one by one, each step fed emb_proj(previous output).
 
         Args:
@@ -525,7 +566,8 @@ class GradTransformer(nn.Module):
         B = x.shape[0]
         memory = self.encode(x)  # (B, L_tiny, d_model)
         if self.cfg.decoder == "parallel":  # every layer's query is start + its position
-            return self._decode(self.start.expand(B, self.cfg.L_llm, -1), memory, 0, cache=None)  # (B, L_llm, d_llm)
+            out = self._decode(self.start.expand(B, self.cfg.L_llm, -1), memory, 0, cache=None)  # (B, L_llm, d_llm)
+            return out + self._retrieve(memory, exclude) if self.cfg.head == "retrieval" else out
         token = self.start.expand(B, 1, -1)  # (B, 1, d_model)
         outputs: list[torch.Tensor] = []
         if use_cache:
@@ -674,10 +716,10 @@ def train_epoch(
     for x, y, *rest in loader:
         x, y = x.to(device), y.to(device)
         if function is None:
-            pred = model(x, y)  # (B, L_llm, d_llm), teacher-forced
+            pred = model(x, y, rest[0].to(device) if rest else None)  # (B, L_llm, d_llm), teacher-forced
             loss = F.mse_loss(pred, y)
         else:
-            pred = model(x)  # (B, L_llm, d_llm), decoded as at inference
+            pred = model(x, None, rest[0].to(device))  # (B, L_llm, d_llm), decoded as at inference
             raw = function.denormalize(pred)
             loss = function.loss(raw, rest[0].tolist()) + function.mse_weight * F.mse_loss(pred, y)
         optimizer.zero_grad(set_to_none=True)
@@ -874,7 +916,15 @@ def train_translator(
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
         normalizer = Normalizer.fit(train_x, train_y, model_config.normalization, model_config.norm_eps)
-        core = GradTransformer(model_config).to(device)
+        last_row = {int(s): i for i, s in enumerate(train_subsets.tolist())}  # each subset's last snapshot
+        if model_config.head == "retrieval":
+            model_config = dataclasses.replace(model_config, bank_size=len(last_row))
+        core = GradTransformer(model_config)
+        if model_config.head == "retrieval":
+            idx = torch.tensor(list(last_row.values()))
+            core.set_bank(normalizer.normalize_x(train_x[idx].float()), normalizer.normalize_y(train_y[idx].float()),
+                          torch.tensor(list(last_row)))
+        core = core.to(device)
         model = prepare_model(core) if prepare_model is not None else core
         device = next(core.parameters()).device
         normalizer = normalizer.to(device)

@@ -73,12 +73,15 @@ def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
 
 
 def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300,
-           task_names: list[str] | None = None) -> dict:
+           task_names: list[str] | None = None, n_mixtures: int = 0) -> dict:
     """Accuracy of both models per task: k shown (pretraining ability), k hidden before
     and after LoRA fine-tuning on a single-task dataset with a secret k (public split).
 
     ``task_names`` defaults to the config's tasks; others show what a model could learn
-    outside the world it was pretrained on (a built TinyLM knows only the config's)."""
+    outside the world it was pretrained on (a built TinyLM knows only the config's).
+    ``n_mixtures`` more datasets are drawn as organizations' are (the config's mixture and
+    secrets, private split, other seeds than the evaluation's): the conditioning the method
+    needs is a TinyLM clearly below the LLM after fine-tuning on these."""
     torch.set_num_threads(2)
     rows = {}
     models = {side: load_card_side(card, side) for side in ("tiny", "llm")}
@@ -100,6 +103,18 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
             row[side] = {"k_shown": _mean(shown), "hidden_before": _mean(before), "hidden_after_ft": _mean(after)}
             kv(stage="report", task=name, model=side, **{k: round(v, 3) for k, v in row[side].items()})
         rows[name] = row
+    mixtures = []
+    for i in range(n_mixtures):
+        spec = tasks.draw_dataset_spec(random.Random(f"report-mixture|{cfg.seed}|{i}"), "private_train", cfg.tasks.names,
+                                       cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
+        test = tasks.generate_dataset(spec, split="private_test", n=n_test)
+        acc = {}
+        for side, lm in models.items():
+            finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
+            acc[side] = score_model(lm.model, lm.tokenizer, test).accuracy
+        mixtures.append({"mixture": {t: round(w, 3) for t, w in spec.mixture.items() if w >= tasks.MIN_WEIGHT},
+                         "tiny_ft": acc["tiny"], "llm_ft": acc["llm"]})
+        kv(stage="report", mixture=f"{i + 1}/{n_mixtures}", tiny_ft=round(acc["tiny"], 3), llm_ft=round(acc["llm"], 3))
     builds = {side: json.loads((Path(getattr(card, side).path) / "gt_ray_build.json").read_text())
               if (Path(getattr(card, side).path) / "gt_ray_build.json").is_file() else {} for side in ("tiny", "llm")}
     out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
@@ -107,6 +122,11 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
                              "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss")}
                       for side in ("tiny", "llm")},
            "report_seconds": round(time.time() - t0, 1)}
+    if mixtures:
+        tiny_ft, llm_ft = (_mean([m[k] for m in mixtures]) for k in ("tiny_ft", "llm_ft"))
+        out["mixtures"] = {"n": len(mixtures), "tiny_ft": tiny_ft, "llm_ft": llm_ft, "gap": llm_ft - tiny_ft,
+                           "llm_ft_min": min(m["llm_ft"] for m in mixtures),
+                           "llm_ft_below_0.5": sum(m["llm_ft"] < 0.5 for m in mixtures), "rows": mixtures}
     return out
 
 
@@ -121,6 +141,10 @@ def format_report(rep: dict) -> str:
         t, l = row["tiny"], row["llm"]
         lines.append(f"| {name} | {t['k_shown']:.3f} | {t['hidden_before']:.3f} | {t['hidden_after_ft']:.3f} | "
                      f"{l['k_shown']:.3f} | {l['hidden_before']:.3f} | {l['hidden_after_ft']:.3f} |")
+    m = rep.get("mixtures")
+    if m:
+        lines += ["", f"On {m['n']} organization-like mixtures: TinyLM ft {m['tiny_ft']:.3f}, LLM ft {m['llm_ft']:.3f} "
+                      f"(gap {m['gap']:.3f}; LLM ft lowest {m['llm_ft_min']:.3f}, below 0.5 on {m['llm_ft_below_0.5']})"]
     return "\n".join(lines)
 
 
@@ -134,13 +158,17 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", nargs="+", choices=sorted(tasks.TASKS), default=None,
                    help="report: tasks to report (default: the config's)")
     p.add_argument("--n-datasets", type=int, default=3, help="report: single-task datasets per task (default 3)")
+    p.add_argument("--n-mixtures", type=int, default=10,
+                   help="report: organization-like mixtures fine-tuned on both models (default 10; 0 skips)")
     args = p.parse_args(argv)
     if args.n_datasets < 1:
         raise UserError(f"--n-datasets must be >= 1, got {args.n_datasets}")
+    if args.n_mixtures < 0:
+        raise UserError(f"--n-mixtures must be >= 0, got {args.n_mixtures}")
     cfg = load_config(args.config)
     card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
     if args.action == "report":
-        rep = report(cfg, card, n_datasets=args.n_datasets, task_names=args.tasks)
+        rep = report(cfg, card, n_datasets=args.n_datasets, task_names=args.tasks, n_mixtures=args.n_mixtures)
         write_json(work_dir(cfg) / REPORT_FILE, rep)
         print(format_report(rep))
 

@@ -407,3 +407,28 @@ def test_sampled_snapshots_take_one_row_per_subset_each_epoch():
     train_translator(x, y, x[:4], y[:4], TrainConfig(lr=1e-3, batch_size=2, max_epochs=2, patience=2), model_config=tiny_config(),
                      train_subsets=subsets, prepare_train_loader=record)
     assert len(seen) == 1 and len(seen[0]) == 12  # every row, one loader
+
+
+def test_retrieval_head_mixes_bank_updates_and_hides_a_rows_own_subset(tmp_path):
+    with pytest.raises(ValueError, match="needs decoder 'parallel'"):
+        tiny_config(head="retrieval")
+    model = tiny_model(decoder="parallel", head="retrieval", bank_size=2)
+    bx, by = linear_pairs(2, seed=1)
+    model.set_bank(bx, by, torch.tensor([10, 11]))
+    memory = model.encode(bx)
+    assert_close(model._retrieve(memory, torch.tensor([10, 10])), by[[1, 1]])  # only subset 11 is left
+    mixed = model._retrieve(memory, None)
+    weights = torch.linalg.lstsq(by.reshape(2, -1).T, mixed.reshape(2, -1).T).solution  # (2 bank rows, 2 queries)
+    assert_close(weights.sum(0), torch.ones(2), rtol=1e-4, atol=1e-4)  # a convex mixture of the bank
+    with pytest.raises(ValueError, match="set_bank needs"):
+        model.set_bank(bx[:1], by[:1], torch.tensor([1]))
+    # trained end to end: the bank is one row per training subset and survives a checkpoint
+    x, y = linear_pairs(24, seed=2)
+    subsets = torch.arange(12).repeat_interleave(2)
+    cfg = TrainConfig(lr=3e-3, batch_size=8, max_epochs=3, patience=3)
+    translator, _ = train_translator(x, y, x[:4], y[:4], cfg, model_config=tiny_config(decoder="parallel", head="retrieval"),
+                                     train_subsets=subsets)
+    assert translator.config.bank_size == 12 and translator.model.bank_ids.tolist() == list(range(12))
+    save_translator(translator, tmp_path, {"fingerprints": FINGERPRINTS})
+    loaded = load_translator(tmp_path)
+    assert torch.equal(loaded.translate(x[:3]), translator.translate(x[:3]))
