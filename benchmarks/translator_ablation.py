@@ -5,6 +5,7 @@
 Every variant starts from the run's translator settings (config + the sweep's best YAML)
 and changes one lever: the objective (MSE vs the LLM's answer loss), what chooses the
 epoch (validation MSE vs validation answer NLL), the decoder (autoregressive vs parallel),
+the head (direct vs soft retrieval over the training subsets' LLM updates plus a residual),
 the snapshots (dense, sampled per epoch, vs the final one only) and the corpus size (half
 the training subsets). The protocol is the pipeline's: train / validation / test split by
 subset, validation chooses epochs, nothing is chosen on the test subsets; baselines (mean,
@@ -39,8 +40,8 @@ from jobs.train_translator import function_objective, load_split, resolve_settin
 
 def variants(model_cfg, train_cfg) -> dict:
     """name -> (model config, train config, selects on answer NLL, data filter)."""
-    ar = dataclasses.replace(model_cfg, decoder="autoregressive")
-    par = dataclasses.replace(model_cfg, decoder="parallel")
+    ar = dataclasses.replace(model_cfg, decoder="autoregressive", head="direct")
+    par = dataclasses.replace(model_cfg, decoder="parallel", head="direct")
     fn = dataclasses.replace(train_cfg, objective="function")
     mse = dataclasses.replace(train_cfg, objective="mse")
     return {
@@ -49,6 +50,7 @@ def variants(model_cfg, train_cfg) -> dict:
         "MSE, parallel decoder, epoch on val answer NLL": (par, mse, True, "all"),
         "function loss, autoregressive": (ar, fn, True, "all"),
         "function loss, parallel decoder": (par, fn, True, "all"),
+        "function loss, parallel, retrieval head": (dataclasses.replace(par, head="retrieval"), fn, True, "all"),
         "function loss, parallel, final snapshot only": (par, dataclasses.replace(fn, sample_snapshots=False), True, "final"),
         "function loss, parallel, half the training subsets": (par, fn, True, "half"),
     }

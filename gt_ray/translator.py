@@ -951,7 +951,9 @@ def train_translator(
         fn_loss = None
         if cfg.objective == "function":
             fn_loss = FunctionLoss(function, normalizer, cfg.mse_weight, rng)
-        val_ids = None if val_subsets is None else val_subsets.tolist()
+        if val_subsets is not None:  # answer NLL on each validation subset's last snapshot only
+            last_val = {int(s): i for i, s in enumerate(val_subsets.tolist())}
+            val_ids, val_nll_x = list(last_val), val_xn[list(last_val.values())]
         history: list[dict[str, float]] = []
 
         for epoch in range(cfg.max_epochs):
@@ -963,7 +965,7 @@ def train_translator(
             val_ar = evaluate_mse(model, val_loader, autoregressive=True) if cfg.val_autoregressive else math.nan
             val_nll = math.nan
             if function is not None:
-                val_nll = evaluate_answer_nll(model, val_xn, val_ids, normalizer, function)
+                val_nll = evaluate_answer_nll(model, val_nll_x, val_ids, normalizer, function)
                 val_loss = val_nll
             else:
                 val_loss = val_ar if cfg.val_autoregressive else val_tf
