@@ -61,10 +61,15 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
-    p.add_argument("--only", nargs="*", default=None, help="run only variants whose name contains one of these")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run only these variants (exact names, or a prefix ending in *)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models gain nothing from more)")
     p.add_argument("--out", default="benchmarks/results/translator_ablation.json")
+    p.add_argument("--merge", nargs="+", default=None, help="only combine the JSON of earlier runs into --out")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    if args.merge:
+        return merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)
     model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
@@ -79,7 +84,7 @@ def main() -> None:
 
     preds, info = {}, {}
     for name, (mc, tc, on_nll, rows) in variants(model_cfg, train_cfg).items():
-        if args.only and not any(o in name for o in args.only):
+        if args.only and not any(o == name or o.endswith("*") and name.startswith(o[:-1]) for o in args.only):
             continue
         d = data[rows]
         for seed in args.seeds:
@@ -120,22 +125,42 @@ def main() -> None:
         entry["accuracy_std"] = statistics.stdev(acc) if len(acc) > 1 else 0.0
         entry["accuracy_seen"] = statistics.fmean(entry["seen"])
         entry["accuracy_new"] = statistics.fmean(entry["new"])
-    n_seen = sum(seen)
-    print(f"{len(test_ids)} test subsets ({n_seen} seen combination, {len(seen) - n_seen} new), "
-          f"{len(set(train_ids))} training subsets, seeds {args.seeds}")
+    out = {"config": args.config, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "n_train_subsets": len(set(train_ids)),
+           "n_val_subsets": len(val_ids), "n_test_subsets": len(test_ids), "n_test_seen": sum(seen), "variants": table,
+           "runs": info}
+    write(out, args.out)
+
+
+def write(out: dict, path: str) -> None:
+    """Print the table and write the JSON."""
+    n_seen = out["n_test_seen"]
+    print(f"{out['n_test_subsets']} test subsets ({n_seen} seen combination, {out['n_test_subsets'] - n_seen} new), "
+          f"{out['n_train_subsets']} training subsets, seeds {out['seeds']}, at most {out['max_epochs']} epochs")
     print("| variant | test accuracy | seen | new | answer NLL | best epochs | train s |")
     print("|---|---|---|---|---|---|---|")
-    for name, e in table.items():
+    for name, e in out["variants"].items():
         spread = f" +- {e['accuracy_std']:.3f}" if len(e["per_seed"]) > 1 else ""
         epochs = "/".join(str(b) for b in e["best_epoch"]) or "-"
         secs = f"{statistics.fmean(e['train_seconds']):.0f}" if e["train_seconds"] else "-"
         print(f"| {name} | {e['accuracy']:.3f}{spread} | {e['accuracy_seen']:.3f} | {e['accuracy_new']:.3f} | "
               f"{statistics.fmean(e['nll']):.3f} | {epochs} | {secs} |")
-    out = {"config": args.config, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "n_train_subsets": len(set(train_ids)),
-           "n_val_subsets": len(val_ids), "n_test_subsets": len(test_ids), "n_test_seen": n_seen, "variants": table,
-           "runs": info}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2, default=str))
+
+
+def merge(paths: list[str], out_path: str) -> None:
+    """One table from runs of disjoint variant sets (``--only``) of the same corpus and split:
+    the learned variants of each, the baselines (identical in every run) once."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    keys = ("config", "seeds", "max_epochs", "n_train_subsets", "n_val_subsets", "n_test_subsets", "n_test_seen")
+    for part in parts[1:]:
+        if any(part[k] != parts[0][k] for k in keys):
+            raise SystemExit(f"error: runs differ in {[k for k in keys if part[k] != parts[0][k]]}")
+    learned = {n: v for p in parts for n, v in p["variants"].items() if v["train_seconds"]}
+    baselines = {n: v for n, v in parts[0]["variants"].items() if not v["train_seconds"]}
+    out = {**{k: parts[0][k] for k in keys}, "variants": {**learned, **baselines},
+           "runs": {k: v for p in parts for k, v in p["runs"].items()}, "merged_from": paths}
+    write(out, out_path)
 
 
 if __name__ == "__main__":

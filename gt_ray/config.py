@@ -325,11 +325,17 @@ class EvalConfig:
     """Seeds of the organization draws (and their fine-tunes)."""
     n_test: int = 400
     """Test examples per organization (private_test split)."""
+    seen_fraction: float = 0.0
+    """Fraction of each seed's organizations that hold private data of a combination some
+    training shadow subset has (its mixture and secrets, drawn from the private pools): the
+    paper's own setting, the "seen" group. The others draw a fresh mixture and secrets."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_orgs", "n_test")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if not 0 <= self.seen_fraction <= 1:
+            raise ValueError(f"seen_fraction must be in [0, 1], got {self.seen_fraction}")
 
 
 @dataclass

@@ -74,7 +74,8 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe)
+        orgs = org_specs(cfg, seed, [specs[i] for i in train_ids])
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe, orgs)
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     write_json(work_dir(cfg) / RESULTS_FILE, out)
@@ -82,9 +83,27 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     return out
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset(), probe=None) -> dict:
+def org_specs(cfg: ExperimentConfig, seed: int, train_specs: list) -> list:
+    """The seed's organizations: the first ``seen_fraction`` hold the combination (mixture and
+    secrets) of a training shadow subset, on private data; the rest draw a fresh one."""
+    import dataclasses
+    import random
+
     specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
                            cfg.tasks.secret_per_task)
+    rng = random.Random(f"seen-orgs|{seed}")
+    n_seen = round(cfg.eval.n_orgs * cfg.eval.seen_fraction)
+    for i in range(n_seen):
+        like = rng.choice(train_specs)
+        specs[i] = dataclasses.replace(like, split=specs[i].split, n=specs[i].n, seed=specs[i].seed)
+    return specs
+
+
+def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset(), probe=None,
+             specs=None) -> dict:
+    if specs is None:
+        specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
+                               cfg.tasks.secret_per_task)
     per_org: dict[str, list[Scores]] = {m: [] for m in ORG_METHODS if shared_vocab or m != "proxy_tuning"}
     tiny_vecs, llm_vecs, trains, tests, orgs = [], [], [], [], []
     for j, spec in enumerate(specs):

@@ -46,6 +46,7 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
     counts = results["counts"]
     assert counts["n"] == len(results["seeds"]) * results["n_orgs"]
     assert sum(g["n_orgs"] for g in results["groups"].values()) == counts["n"]
+    assert results["groups"]["seen"]["n_orgs"] >= 1  # eval.seen_fraction: 0.5 of 2 organizations
     m = results["methods"]
     gap = m["llm_ft"]["accuracy"] - m["tiny_ft"]["accuracy"]
     if gap:

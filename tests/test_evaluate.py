@@ -167,3 +167,21 @@ def test_secret_probe_reads_the_secret_off_update_vectors():
     assert (probe.predict(x[150:]) == k[150:]).float().mean() > 0.9
     noise = torch.randn(200, 2, 6, generator=g)  # no signal: about chance
     assert (SecretProbe(4).fit(noise[:150], k[:150]).predict(noise[150:]) == k[150:]).float().mean() < 0.6
+
+
+def test_seen_organizations_hold_a_training_subsets_combination_on_private_data():
+    import dataclasses
+    import random
+
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import org_specs
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_orgs=6, seen_fraction=0.5))
+    train = [tasks.draw_dataset_spec(random.Random(i), "public", cfg.tasks.names, 64, 0.5, True) for i in range(4)]
+    specs = org_specs(cfg, 0, train)
+    combos = {t.combination() for t in train}
+    assert all(s.split == "private_train" for s in specs)
+    assert all(s.combination() in combos for s in specs[:3])
+    assert all(s.seed not in {t.seed for t in train} for s in specs)  # its own data, not the subset's
+    assert org_specs(cfg, 0, train) == specs and org_specs(cfg, 1, train) != specs
