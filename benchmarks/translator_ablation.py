@@ -136,16 +136,23 @@ def write(out: dict, path: str) -> None:
     n_seen = out["n_test_seen"]
     print(f"{out['n_test_subsets']} test subsets ({n_seen} seen combination, {out['n_test_subsets'] - n_seen} new), "
           f"{out['n_train_subsets']} training subsets, seeds {out['seeds']}, at most {out['max_epochs']} epochs")
-    print("| variant | test accuracy | seen | new | answer NLL | best epochs | train s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | val answer NLL (chooses) | test accuracy | seen | new | test answer NLL | best epochs | train s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, e in out["variants"].items():
+        vals = [r["best_val_loss"] for r in out["runs"].values() if r["variant"] == name and r["selected_on"] == "val_answer_nll"]
+        e["val_answer_nll"] = statistics.fmean(vals) if vals else None
+        val = f"{e['val_answer_nll']:.3f}" if vals else "-"
         spread = f" +- {e['accuracy_std']:.3f}" if len(e["per_seed"]) > 1 else ""
         epochs = "/".join(str(b) for b in e["best_epoch"]) or "-"
         secs = f"{statistics.fmean(e['train_seconds']):.0f}" if e["train_seconds"] else "-"
-        print(f"| {name} | {e['accuracy']:.3f}{spread} | {e['accuracy_seen']:.3f} | {e['accuracy_new']:.3f} | "
+        print(f"| {name} | {val} | {e['accuracy']:.3f}{spread} | {_f(e['accuracy_seen'])} | {_f(e['accuracy_new'])} | "
               f"{statistics.fmean(e['nll']):.3f} | {epochs} | {secs} |")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2, default=str))
+
+
+def _f(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"  # NaN: no test subset in that group
 
 
 def merge(paths: list[str], out_path: str) -> None:

@@ -85,10 +85,10 @@ def write_plots(out: Path, results: dict) -> None:
     if hist_path.is_file():
         hist = json.loads(hist_path.read_text())
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label="train (teacher forcing)")
-        ax.plot([h["epoch"] for h in hist], [h["val_loss"] for h in hist], label="validation (decoded)")
+        ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label="train (the objective)")
+        ax.plot([h["epoch"] for h in hist], [h["val_loss"] for h in hist], label="validation (chooses the epoch)")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("MSE (normalized)")
+        ax.set_ylabel("answer NLL (+ weighted MSE) or MSE")
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
