@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from gt_ray import storage
 from gt_ray.translator import TrainConfig
 
 
@@ -355,7 +356,7 @@ class ExperimentConfig:
 
     @property
     def corpus_dir(self) -> str:
-        return self.corpus.storage_path or str(Path(self.work_dir) / "corpus")
+        return self.corpus.storage_path or storage.join(self.work_dir, "corpus")
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from gt_ray import storage
 from gt_ray import tasks as tasks_mod
 from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
 from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, hash_file, publish_model_dir
@@ -238,28 +239,40 @@ class PairCard:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "card_id": self.card_id}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
-        return path
+    def save(self, path: str | Path) -> str | Path:
+        """Write the card JSON atomically to a path or a URI (gt_ray.storage); returns ``path``."""
+        storage.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path if storage.is_uri(path) else Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PairCard":
-        """Read a card JSON. Raises ValueError if missing, malformed or tampered with."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"pair card not found: {path}")
+        """Read a card JSON from a path or a URI. Raises ValueError if missing, malformed or tampered with."""
+        path = path if storage.is_uri(path) else Path(path)
         try:
-            data = json.loads(path.read_text())
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            raise ValueError(f"pair card not found: {path}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a gt-ray pair card ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "pair card") -> "PairCard":
+        """Build a card from its JSON dict (``to_dict``'s output), checking ``card_id``.
+
+        Raises:
+            ValueError: naming ``source``, if malformed or tampered with.
+        """
+        try:
+            data = dict(data)
             card_id = data.pop("card_id", None)
             card = cls(tiny=ModelCard(**data.pop("tiny")), llm=ModelCard(**data.pop("llm")), **data)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}: not a gt-ray pair card ({e})") from None
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{source}: not a gt-ray pair card ({e})") from None
         if card_id is not None and card_id != card.card_id:
-            raise ValueError(f"{path}: card_id {card_id} does not match its content ({card.card_id})")
+            raise ValueError(f"{source}: card_id {card_id} does not match its content ({card.card_id})")
         return card
 
 
