@@ -22,7 +22,7 @@ from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap, vector_metr
 from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus
 from gt_ray.evaluate import score_update
-from gt_ray.models import PairCard, load_card_side
+from gt_ray.models import load_card_side
 from jobs.common import kv, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator, load_split
 
@@ -47,7 +47,7 @@ def held_out(cfg: ExperimentConfig, corpus: Corpus):
         (train rows, validation final rows, one test list per validation subset, LoadedModel
         of the card's LLM, its LoRA scale alpha / r, validation subset ids)
     """
-    card = PairCard.load(corpus.directory / "pair_card.json")
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
     tr, va, _, val_ids = load_split(cfg, corpus)
     va_final = final_rows(va)
     meta = {r["subset_id"]: r for r in corpus.dataset.to_table(columns=["subset_id", "secret_k", "mixture", "data_seed"]).to_pylist()}
