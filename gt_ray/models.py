@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gt_ray import storage
 from gt_ray import tasks as tasks_mod
-from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.config import ExperimentConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
 from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, hash_file, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
@@ -223,18 +223,45 @@ class ModelCard:
     d_layer: int
 
 
+RECIPE_KEYS = ("steps", "lr", "batch_size", "weight_decay", "dtype")
+"""The recipe fields an organization's fine-tune must match (its data size and snapshots may differ)."""
+
+
+def recipe_of(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The fine-tune recipe of ``cfg``'s shadow corpus, as recorded in the pair card."""
+    ft = cfg.finetune
+    return {"steps": ft.steps, "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay,
+            "n_examples": ft.n_examples, "snapshot_steps": list(ft.snapshot_steps), "dtype": cfg.pair.tiny.dtype}
+
+
+def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    """Hash of the :data:`RECIPE_KEYS` of a recipe (what the service compares)."""
+    return config_hash({k: recipe[k] for k in RECIPE_KEYS}, n=16)
+
+
 @dataclass(frozen=True)
 class PairCard:
-    """The provider's fixed pair: base models, LoRA spec, init seeds and layouts."""
+    """The provider's fixed pair: base models, LoRA spec, init seeds and layouts, and the
+    fine-tune recipe its shadow corpus used (organizations follow it)."""
 
     tiny: ModelCard
     llm: ModelCard
     lora: dict[str, Any]
     version: int = CARD_VERSION
+    recipe: dict[str, Any] | None = None
+    """:func:`recipe_of` the corpus config: steps, lr, batch_size, weight_decay, n_examples,
+    snapshot_steps, dtype (the TinyLM's). ``None`` on cards written before recipes."""
 
     @property
     def card_id(self) -> str:
-        return config_hash(asdict(self), n=16)
+        data = asdict(self)
+        if data["recipe"] is None:
+            del data["recipe"]  # a card without a recipe keeps the id it had before recipes existed
+        return config_hash(data, n=16)
+
+    @property
+    def recipe_fingerprint(self) -> str | None:
+        return None if self.recipe is None else recipe_fingerprint(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "card_id": self.card_id}
@@ -320,14 +347,16 @@ def load_with_lora(path: str | Path, lora: LoraSpec, seed: int, dtype: str = "fl
     return LoadedModel(peft_model, tokenizer, layout, init, Path(path))
 
 
-def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path) -> PairCard:
-    """Describe a prepared pair: weights hashes, layouts and LoRA inits of both models."""
+def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path,
+                   recipe: dict[str, Any] | None = None) -> PairCard:
+    """Describe a prepared pair: weights hashes, layouts and LoRA inits of both models, and
+    the fine-tune ``recipe`` (:func:`recipe_of`) when known."""
     sides = {}
     for side, path, seed, spec in (("tiny", tiny_path, pair.lora.init_seed_tiny, pair.tiny),
                                    ("llm", llm_path, pair.lora.init_seed_llm, pair.llm)):
         lm = load_with_lora(path, pair.lora, seed, spec.dtype)
         sides[side] = describe_model(path, lm.model, lm.layout, lm.init, seed)
-    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora))
+    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora), recipe=recipe)
 
 
 def load_card_side(card: PairCard, side: str, dtype: str = "float32", path: str | Path | None = None) -> LoadedModel:
