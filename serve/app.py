@@ -65,7 +65,8 @@ from ray.serve.handle import DeploymentHandle
 from gt_ray.models import LoadedModel, PairCard, load_card_side
 from gt_ray.org import HEADER_VALUE, check_id
 from gt_ray.rounds import (OrgNotExpectedError, RoundConflictError, RoundSpec, RoundState, RoundStore,
-                           UnknownRoundError, parse_update_bytes, update_to_bytes)
+                           UnknownRoundError, check_update_content, load_norm_bound, parse_update_bytes,
+                           update_to_bytes)
 from gt_ray.translator import load_translator
 from serve.schemas import (AdapterInfo, BatchSettings, CreateRoundRequest, ErrorBody, Health, ProviderArgs,
                            Readiness, Receipt, RoundResult, RoundStatus, SubmissionRequest, TranslateRequest,
@@ -313,7 +314,9 @@ class Aggregator:
         self.args = ProviderArgs.model_validate(args)
         self.card = PairCard.load(self.args.card)
         self.tokens = TokenTable.from_file(self.args.tokens)
-        self.store = RoundStore(self.args.state_dir, self.card)
+        bound = None if self.args.outlier_factor is None else load_norm_bound(
+            self.args.checkpoint, self.args.outlier_factor, self.card.tiny.layout_fingerprint)
+        self.store = RoundStore(self.args.state_dir, self.card, bound)
         self.translator = translator
         self._llm: LoadedModel | None = None
         self._llm_lock = threading.Lock()  # export writes the LLM's LoRA weights: one at a time
@@ -353,6 +356,7 @@ class Aggregator:
         with http_errors():
             x, _ = parse_update_bytes(blob, self.card.tiny.layout_fingerprint,
                                       (self.card.tiny.n_layers, self.card.tiny.d_layer))
+            check_update_content(x, self.store.norm_bound)
         y = await self.translator.translate.remote(x)  # (L_llm, d_llm), batched with other requests
         source = hashlib.sha256(blob).hexdigest()
         out = update_to_bytes(y, self.card.llm.layout_fingerprint,

@@ -3,7 +3,7 @@
     gt-ray serve --checkpoint runs/tiny/translator --card runs/tiny/pair_card.json \\
         --tokens runs/tiny/tokens.json --state-dir runs/tiny/serve_state \\
         [--host 127.0.0.1 --port 8000] [--max-batch-size 8 --batch-wait-timeout-s 0.01] \\
-        [--max-body-bytes N] [--address ray://... | auto] [--num-cpus 2]
+        [--max-body-bytes N] [--outlier-factor 10] [--address ray://... | auto] [--num-cpus 2]
 
 Without ``--address`` it starts a local Ray cluster bound to loopback. This launcher is
 kept apart from ``serve/app.py`` because Ray reads its network settings when it is
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-timeout-s", type=float)
     p.add_argument("--max-ongoing-requests", type=int)
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--outlier-factor", type=float, help="refuse vectors whose norm is this many times outside the "
+                   "corpus' range, from input_norms.json beside the checkpoint (default 10)")
     p.add_argument("--translator-threads", type=int)
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one on loopback)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
