@@ -19,7 +19,7 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``)::
     GET  /healthz                              liveness, no auth
     GET  /readyz                               the Translator answers, the state dir is writable
     POST /v1/rounds                            admin: open a round (CreateRoundRequest)
-    GET  /v1/rounds/{round_id}                 status (admin: every org; an org: its receipt)
+    GET  /v1/rounds/{round_id}                 status (admin: every org; an org: its receipt and counts)
     POST /v1/rounds/{round_id}/submissions     an org: submit its TinyLM vector (gt_ray.org API)
     POST /v1/rounds/{round_id}/close           admin: aggregate, translate, export the adapter
     GET  /v1/rounds/{round_id}/adapter         admin or a submitting org: the PEFT adapter zip
@@ -387,6 +387,14 @@ class Aggregator:
         with http_errors():
             return await asyncio.to_thread(self.store.get, round_id)
 
+    async def get_for(self, round_id: str, caller: Caller) -> RoundState:
+        """A round's state for ``caller``: 403 for an organization the round does not list."""
+        state = await self.get(round_id)
+        expected = state.spec.expected_orgs
+        if not caller.is_admin and expected is not None and caller.org_id not in expected:
+            raise HTTPException(403, f"organization {caller.org_id!r} is not expected in round {round_id!r}")
+        return state
+
     def status(self, state: RoundState, caller: Caller) -> RoundStatus:
         """A round's status as ``caller`` may see it."""
         result = None
@@ -397,8 +405,13 @@ class Aggregator:
                                  adapter=None if r["adapter"] is None else AdapterInfo(**{
                                      k: r["adapter"][k] for k in ("kind", "r", "lora_alpha", "sha256")}))
         mine = caller.org_id in state.submissions
+        spec = state.spec.to_dict()
+        if not caller.is_admin:
+            del spec["expected_orgs"]  # participants do not learn each other
+        expected = state.spec.expected_orgs
         return RoundStatus(
-            round_id=state.round_id, status=state.status, created_at=state.created_at, spec=state.spec.to_dict(),
+            round_id=state.round_id, status=state.status, created_at=state.created_at, spec=spec,
+            n_expected=None if expected is None else len(expected),
             n_submissions=len(state.submissions), min_submissions=state.spec.min_submissions,
             ready_to_close=state.ready_to_close, orgs=sorted(state.submissions) if caller.is_admin else None,
             your_receipt=Receipt(**state.receipt(caller.org_id, duplicate=False).to_dict()) if mine else None,
@@ -485,7 +498,7 @@ def build_api(service: Aggregator) -> FastAPI:
 
     @api.get("/v1/rounds/{round_id}", response_model=RoundStatus, responses=ERRORS)
     async def get_round(round_id: str, who: Caller = Depends(caller)) -> RoundStatus:
-        return service.status(await service.get(round_id), who)
+        return service.status(await service.get_for(round_id, who), who)
 
     @api.post("/v1/rounds/{round_id}/submissions", response_model=Receipt, status_code=201, responses=ERRORS)
     async def submit(round_id: str, body: SubmissionRequest, response: Response, who: Caller = Depends(caller),

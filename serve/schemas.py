@@ -198,12 +198,16 @@ class RoundResult(BaseModel):
 
 
 class RoundStatus(BaseModel):
-    """``GET /v1/rounds/{round_id}``; organizations see their own receipt, the admin every org."""
+    """``GET /v1/rounds/{round_id}``: the admin sees every organization; an organization sees
+    its own receipt and counts, never who else takes part."""
 
     round_id: str
     status: Literal[ROUND_STATUSES]
     created_at: str
     spec: dict[str, Any]
+    """The round's spec; an organization gets it without ``expected_orgs``."""
+    n_expected: int | None
+    """How many organizations the round expects (``None``: any with a token)."""
     n_submissions: int
     min_submissions: int
     ready_to_close: bool

@@ -295,6 +295,28 @@ def test_a_robust_round_that_accepts_outliers_takes_a_far_out_vector(service, fi
     assert r.status_code == 422 and "all zeros" in r.json()["detail"]  # never accepted, outliers or not
 
 
+def test_an_organization_sees_its_own_receipt_and_counts_never_the_other_participants(service, files, card):
+    admin, tokens = files["tokens"]["admin"], files["tokens"]["orgs"]
+    r = http(service, "POST", "/v1/rounds", admin, json={"round_id": "r-view", "expected_orgs": ["org-a", "org-b"]})
+    assert r.status_code == 201 and r.json()["spec"]["expected_orgs"] == ["org-a", "org-b"]
+    receipt = http(service, "POST", "/v1/rounds/r-view/submissions", tokens["org-a"],
+                   json={"org_id": "org-a", "n_examples": 32, "vector_b64": b64(vector_bytes(card, 20))}).json()
+    views = {who: http(service, "GET", "/v1/rounds/r-view", tokens[who]) for who in ("org-a", "org-b")}
+    for who, other in (("org-a", "org-b"), ("org-b", "org-a")):
+        view = views[who]
+        assert view.status_code == 200 and other not in view.text, view.text  # not even in the spec
+        body = view.json()
+        assert "expected_orgs" not in body["spec"] and body["orgs"] is None
+        assert (body["n_expected"], body["n_submissions"], body["min_submissions"]) == (2, 1, 2)
+    assert views["org-a"].json()["your_receipt"]["receipt_id"] == receipt["receipt_id"]
+    assert views["org-b"].json()["your_receipt"] is None
+    outsider = http(service, "GET", "/v1/rounds/r-view", tokens["org-c"])
+    assert outsider.status_code == 403 and "'org-c' is not expected in round 'r-view'" in outsider.json()["detail"]
+    full = http(service, "GET", "/v1/rounds/r-view", admin).json()
+    assert full["spec"]["expected_orgs"] == ["org-a", "org-b"] and full["orgs"] == ["org-a"]
+    assert full["your_receipt"] is None
+
+
 def test_orgs_submit_with_the_client_then_close_gives_a_peft_adapter(service, files, card, tmp_path):
     admin, tokens = files["tokens"]["admin"], files["tokens"]["orgs"]
     r = http(service, "POST", "/v1/rounds", admin, json={"round_id": "r-main", "expected_orgs": ["org-a", "org-b"]})
