@@ -2,6 +2,7 @@
 the org client end to end with the PEFT adapter, and a restart in the middle of a round."""
 
 import base64
+import hashlib
 import json
 import re
 import secrets
@@ -138,9 +139,13 @@ def test_concurrent_translations_form_batches_and_match_the_checkpoint(service, 
     blobs = [vector_bytes(card, 100 + i) for i in range(n)]
     answers, barrier = [None] * n, threading.Barrier(n)
 
-    def post(i):
+    def post(i):  # even: JSON with base64; odd: the safetensors file itself, both ways
         barrier.wait()
-        answers[i] = http(service, "POST", "/v1/translate", token, json={"vector_b64": b64(blobs[i])})
+        if i % 2:
+            answers[i] = http(service, "POST", "/v1/translate", token, data=blobs[i],
+                              headers={"Content-Type": "application/octet-stream"})
+        else:
+            answers[i] = http(service, "POST", "/v1/translate", token, json={"vector_b64": b64(blobs[i])})
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
     for t in threads:
@@ -153,10 +158,16 @@ def test_concurrent_translations_form_batches_and_match_the_checkpoint(service, 
                      for b in blobs])
     expected = local.translate(x)
     for i, a in enumerate(answers):
-        body = a.json()
-        y, meta = parse_update_bytes(base64.b64decode(body["vector_b64"]), card.llm.layout_fingerprint,
-                                     (card.llm.n_layers, card.llm.d_layer))
-        assert body["fingerprint"] == card.llm.layout_fingerprint and meta["model_side"] == "llm"
+        if i % 2:
+            assert a.headers["content-type"] == "application/octet-stream"
+            out, sha = a.content, a.headers["X-Sha256"]
+        else:
+            body = a.json()
+            out, sha = base64.b64decode(body["vector_b64"]), body["sha256"]
+            assert body["fingerprint"] == card.llm.layout_fingerprint and body["shape"] == list(expected[i].shape)
+        y, meta = parse_update_bytes(out, card.llm.layout_fingerprint, (card.llm.n_layers, card.llm.d_layer))
+        assert meta["model_side"] == "llm" and sha == hashlib.sha256(out).hexdigest()
+        assert meta["source_sha256"] == hashlib.sha256(blobs[i]).hexdigest()
         torch.testing.assert_close(y, expected[i], rtol=1e-4, atol=1e-5)
     stats = http(service, "GET", "/v1/stats", files["tokens"]["admin"]).json()
     assert stats["max_batch_size"] == 8 and stats["batch_wait_timeout_s"] == 0.05  # user_config applied
@@ -253,6 +264,14 @@ def _bad_cases(card, tokens):
                               "not a safetensors file"),
         "translate without token": ("POST", "/v1/translate", None, {"json": {"vector_b64": "AAAA"}}, 401,
                                     "missing bearer token"),
+        "translate a binary body that is not a vector": ("POST", "/v1/translate", a, {
+            "data": b"\x80\x04\x95" + b"\0" * 40, "headers": {"Content-Type": "application/octet-stream"}}, 422,
+            "not a safetensors file"),
+        "translate a JSON body without the vector": ("POST", "/v1/translate", a, {"json": {"vector": "AAAA"}}, 422,
+                                                     "body.vector_b64: Field required"),
+        "translate a text body": ("POST", "/v1/translate", a, {"data": b"hello",
+                                                               "headers": {"Content-Type": "text/plain"}}, 415,
+                                  "send application/json or application/octet-stream"),
     }
 
 
@@ -265,7 +284,8 @@ BAD_CASE_NAMES = [
     "extra field", "not JSON", "zero examples", "metadata disagrees", "bad idempotency key",
     "slot taken by another vector", "key reused for another vector", "close before quorum", "adapter before close",
     "adapter for an outsider", "round spec that cannot be", "unknown rule", "same round id, other spec",
-    "translate garbage", "translate without token",
+    "translate garbage", "translate without token", "translate a binary body that is not a vector",
+    "translate a JSON body without the vector", "translate a text body",
 ]
 
 
