@@ -111,7 +111,7 @@ def serve_config(root: Path, port: int, max_batch_size: int, wait_s: float, max_
 
 def deploy(dashboard: str, config: dict, base: str, admin: str, max_batch_size: int, timeout_s: float = 300) -> dict:
     """PUT the config (as ``serve deploy`` does); wait until the Translator reports the batch size."""
-    r = requests.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60)
+    r = requests.put(f"{dashboard}/api/serve/applications/", json=config, timeout=timeout_s)
     r.raise_for_status()
     deadline = time.time() + timeout_s
     while time.time() < deadline:
