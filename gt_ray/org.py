@@ -119,6 +119,10 @@ PRIVATE_REPORT_FIELDS = ("original_norm", "clipped")
 """PrivacyReport fields computed from the raw vector: kept local, never written."""
 
 
+class FinetuneError(Exception):
+    """The fine-tune ran but gave no usable update vector (it diverged, or the weights did not move)."""
+
+
 class SubmissionError(Exception):
     """The provider refused a submission, or it could not be delivered.
 
@@ -286,7 +290,8 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         ValueError: bad data, a card/model mismatch, bad options, a round already
             released, or :class:`gt_ray.privacy.BudgetExceededError` (a ``ValueError``)
             when the release would exceed the budget. Nothing is written then.
-        RuntimeError: fine-tuning diverged or the LoRA weights did not move.
+        FinetuneError: fine-tuning diverged or the LoRA weights did not move (nothing is
+            written, nothing is recorded in the ledger).
     """
     t0 = time.time()
     if cfg is not None and cfg.snapshot_steps[-1] != cfg.steps:
@@ -310,7 +315,7 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
 
     # Imported only now: peft takes seconds to import, and ``gt-ray org submit`` and the
     # checks above (which catch most user mistakes) should not wait for it.
-    from gt_ray.finetune import FinetuneResult, iter_finetune
+    from gt_ray.finetune import FinetuneFailedError, FinetuneResult, iter_finetune
     from gt_ray.models import PairCard, recipe_fingerprint
 
     if not isinstance(card, PairCard):
@@ -324,9 +329,12 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
     result = FinetuneResult([], [])
     logger.info("fine-tuning the TinyLM on %d examples for %d steps (DP-SGD %s)", n, cfg.steps,
                 "on" if use_dp else "off")
-    for snap in iter_finetune(lm, examples, cfg, seed, dp, result):
-        if on_progress is not None:
-            on_progress(snap.step, cfg.steps, snap.loss)
+    try:
+        for snap in iter_finetune(lm, examples, cfg, seed, dp, result):
+            if on_progress is not None:
+                on_progress(snap.step, cfg.steps, snap.loss)
+    except FinetuneFailedError as e:
+        raise FinetuneError(f"{e} (try a larger --lr or more --steps; nothing was written)") from None
     update = result.final.update  # (n_layers, d_layer)
 
     report = None
@@ -842,14 +850,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``gt-ray org finetune|submit``: user mistakes print one ``error:`` line and exit 2.
 
     Raises:
-        SystemExit: 2 on a ``ValueError``, ``OSError`` or :class:`SubmissionError`.
+        SystemExit: 2 on a ``ValueError``, ``OSError``, :class:`FinetuneError` or
+            :class:`SubmissionError`.
     """
     if not logging.getLogger().handlers:  # run directly, not through jobs.cli (which sets it up)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         args.func(args)
-    except (ValueError, OSError, SubmissionError) as e:
+    except (ValueError, OSError, FinetuneError, SubmissionError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 
