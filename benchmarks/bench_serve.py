@@ -7,9 +7,13 @@ dashboard's REST API (what ``serve deploy`` does), so changing the Translator's
 ``user_config`` reconfigures the running replica in place; the script checks the replica
 was not restarted. Then ``--concurrency`` threads, one organization (token) each, post
 ``--requests`` translations per setting with ``requests`` and record throughput, latency
-percentiles, failures and the batch sizes the replica formed. The same load then goes
-straight to the Translator through a DeploymentHandle (no HTTP, proxy or ingress), which
-separates the model's batching gain from the cost of the HTTP path.
+percentiles, failures and the batch sizes the Translator saw. ``--body binary`` (default)
+posts the safetensors file as ``application/octet-stream`` and gets the LLM file back;
+``--body json`` the base64 JSON body.
+
+Where a request's time goes: during each load the CPU seconds of every process on the
+path (client, Serve proxy, the Aggregator ingress, the Translator replica) are read from
+``/proc`` and reported per request, next to the Translator's time in the model.
 
 Sizes follow the tiny scale: TinyLM layout 2x512 (hidden 64, 2 layers), LLM layout 4x1024
 (hidden 128, 4 layers), LoRA r=2 on q/v, translator d_model 128 with 2+2 layers. The
@@ -47,11 +51,16 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.05,
+                   help="the Translator user_config wait (the service default is 0.01)")
     p.add_argument("--concurrency", type=int, default=32, help="client threads, one organization each")
+    p.add_argument("--body", choices=["binary", "json"], default="binary",
+                   help="application/octet-stream safetensors (default) or JSON with base64")
     p.add_argument("--requests", type=int, default=640, help="translations per setting (bounded)")
     p.add_argument("--warmup", type=int, default=32, help="untimed translations per setting")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="Serve's per-request access log lines (proxy and replicas)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -82,10 +91,12 @@ def build_provider_files(root: Path, n_orgs: int, seed: int) -> dict:
     return {"card": card, "card_path": card.save(root / "pair_card.json"), "tokens": tokens}
 
 
-def serve_config(root: Path, port: int, max_batch_size: int, wait_s: float, max_ongoing: int) -> dict:
-    """The same shape as serve/config.yaml, with this run's paths and batching."""
+def serve_config(root: Path, port: int, max_batch_size: int, wait_s: float, max_ongoing: int,
+                 access_log: bool) -> dict:
+    """The same shape as serve/config.yaml, with this run's paths, batching and access logging."""
     return {
         "proxy_location": "HeadOnly",
+        "logging_config": {"enable_access_log": access_log},
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
             "name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
@@ -100,7 +111,7 @@ def serve_config(root: Path, port: int, max_batch_size: int, wait_s: float, max_
 
 def deploy(dashboard: str, config: dict, base: str, admin: str, max_batch_size: int, timeout_s: float = 300) -> dict:
     """PUT the config (as ``serve deploy`` does); wait until the Translator reports the batch size."""
-    r = requests.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60)
+    r = requests.put(f"{dashboard}/api/serve/applications/", json=config, timeout=timeout_s)
     r.raise_for_status()
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -114,7 +125,8 @@ def deploy(dashboard: str, config: dict, base: str, admin: str, max_batch_size: 
     raise RuntimeError(f"the app did not come up with max_batch_size={max_batch_size} in {timeout_s} s")
 
 
-def run_load(base: str, tokens: dict, bodies: list[bytes], n_requests: int, concurrency: int) -> dict:
+def run_load(base: str, tokens: dict, bodies: list[bytes], n_requests: int, concurrency: int,
+             content_type: str) -> dict:
     """``n_requests`` translations from ``concurrency`` threads; latencies of the successes."""
     orgs = sorted(tokens["orgs"])
     latencies: list[float] = []
@@ -125,7 +137,7 @@ def run_load(base: str, tokens: dict, bodies: list[bytes], n_requests: int, conc
     def worker(k: int) -> None:
         session = requests.Session()
         headers = {"Authorization": f"Bearer {tokens['orgs'][orgs[k % len(orgs)]]}",
-                   "Content-Type": "application/json"}
+                   "Content-Type": content_type}
         barrier.wait()
         while True:
             with lock:
@@ -162,22 +174,30 @@ def run_load(base: str, tokens: dict, bodies: list[bytes], n_requests: int, conc
             "latency_mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan")}
 
 
-def run_handle_load(handle, xs: list[torch.Tensor], n_requests: int, concurrency: int) -> dict:
-    """The same load straight to the Translator deployment (no HTTP, proxy or ingress)."""
-    from concurrent.futures import ThreadPoolExecutor
+PATH_PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Aggregator",
+                  "translator": f"ServeReplica:{APP}:Translator"}
 
-    def one(i: int) -> float:
-        t0 = time.perf_counter()
-        handle.translate.remote(xs[i % len(xs)]).result(timeout_s=120)
-        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        latencies = sorted(pool.map(one, range(n_requests)))
-    wall = time.perf_counter() - t0
-    return {"handle_throughput_vps": n_requests / wall,
-            "handle_latency_p50_ms": 1000 * latencies[len(latencies) // 2],
-            "handle_latency_p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this client and of each Serve process on the path (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: str) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    out = {"client": of(str(os.getpid()))}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            for role, marker in PATH_PROCESSES.items():
+                if cmd.startswith("ray::") and marker in cmd:
+                    out[role] = out.get(role, 0.0) + of(p.name)
+        except OSError:
+            continue
+    return out
 
 
 def batch_delta(before: dict, after: dict) -> dict:
@@ -197,8 +217,12 @@ def main() -> None:
     card, tokens = files["card"], files["tokens"]
     gen = torch.Generator().manual_seed(args.seed)
     xs = [torch.randn(2, 512, generator=gen) * 0.01 for _ in range(64)]
-    bodies = [json.dumps({"vector_b64": base64.b64encode(update_to_bytes(x, card.tiny.layout_fingerprint)).decode()})
-              .encode() for x in xs]
+    vector_files = [update_to_bytes(x, card.tiny.layout_fingerprint) for x in xs]
+    if args.body == "binary":
+        bodies, content_type = vector_files, "application/octet-stream"
+    else:
+        bodies = [json.dumps({"vector_b64": base64.b64encode(f).decode()}).encode() for f in vector_files]
+        content_type = "application/json"
 
     from jobs.common import local_ray_env
 
@@ -220,28 +244,31 @@ def main() -> None:
     rows, started_at = [], None
     try:
         for b in args.batch_sizes:
-            config = serve_config(root, port, b, args.batch_wait_timeout_s, max_ongoing)
+            config = serve_config(root, port, b, args.batch_wait_timeout_s, max_ongoing, args.access_log)
             t0 = time.time()
             deploy(dashboard, config, base, tokens["admin"], b)
             reconfigure_s = time.time() - t0
-            run_load(base, tokens, bodies, args.warmup, min(args.concurrency, args.warmup))
+            run_load(base, tokens, bodies, args.warmup, min(args.concurrency, args.warmup), content_type)
             before = requests.get(f"{base}/v1/stats", headers={"Authorization": f"Bearer {tokens['admin']}"},
                                   timeout=30).json()
             started_at = started_at if started_at is not None else before["replica_started_at"]
-            load = run_load(base, tokens, bodies, args.requests, args.concurrency)
+            cpu_before = cpu_seconds()
+            load = run_load(base, tokens, bodies, args.requests, args.concurrency, content_type)
+            cpu_after = cpu_seconds()
             after = requests.get(f"{base}/v1/stats", headers={"Authorization": f"Bearer {tokens['admin']}"},
                                  timeout=30).json()
-            handle = serve.get_deployment_handle("Translator", app_name=APP)
-            direct = run_handle_load(handle, xs, args.requests, args.concurrency)
-            row = {"max_batch_size": b, **load, **batch_delta(before, after), **direct,
+            cpu_ms = {f"cpu_ms_per_request_{k}": 1000 * (cpu_after[k] - cpu_before.get(k, 0.0)) / max(load["ok"], 1)
+                      for k in cpu_after}
+            row = {"max_batch_size": b, **load, **batch_delta(before, after), **cpu_ms,
                    "reconfigure_s": reconfigure_s, "replica_restarted": after["replica_started_at"] != started_at}
+            row["translator_model_ms_per_request"] = 1000 * row["translator_busy_s"] / max(load["ok"], 1)
             rows.append(row)
             print(f"max_batch_size={b} throughput_vps={row['throughput_vps']:.1f} "
                   f"p50_ms={row['latency_p50_ms']:.1f} p99_ms={row['latency_p99_ms']:.1f} "
                   f"failures={row['failures']} mean_batch={row['mean_batch']:.2f} "
                   f"busy_s={row['translator_busy_s']:.2f}/{row['wall_s']:.2f} "
-                  f"handle_vps={row['handle_throughput_vps']:.1f} "
-                  f"replica_restarted={row['replica_restarted']}", flush=True)
+                  + " ".join(f"{k.removeprefix('cpu_ms_per_request_')}_cpu_ms={v:.2f}" for k, v in cpu_ms.items())
+                  + f" replica_restarted={row['replica_restarted']}", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -251,20 +278,19 @@ def main() -> None:
     base_row = next((r for r in rows if r["max_batch_size"] == 1), None)
     ratios = {str(r["max_batch_size"]): r["throughput_vps"] / base_row["throughput_vps"]
               for r in rows} if base_row else {}
-    handle_ratios = {str(r["max_batch_size"]): r["handle_throughput_vps"] / base_row["handle_throughput_vps"]
-                     for r in rows} if base_row else {}
-    print("\n| max_batch_size | HTTP vectors/s | p50 ms | p99 ms | failures | mean batch | max batch | "
-          "translator busy | vs batch 1 | handle vectors/s | handle vs batch 1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nbody={args.body} concurrency={args.concurrency} requests={args.requests} per setting\n")
+    print("| max_batch_size | vectors/s | vs batch 1 | p50 ms | p99 ms | failures | mean batch | "
+          "CPU ms per request: client / proxy / ingress / translator (model) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = str(r["max_batch_size"])
-        print(f"| {b} | {r['throughput_vps']:.1f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | "
-              f"{r['failures']} | {r['mean_batch']:.2f} | {r['max_batch']} | "
-              f"{100 * r['translator_busy_s'] / r['wall_s']:.0f}% | {ratios.get(b, float('nan')):.2f}x | "
-              f"{r['handle_throughput_vps']:.1f} | {handle_ratios.get(b, float('nan')):.2f}x |")
+        cpu = " / ".join(f"{r.get('cpu_ms_per_request_' + k, float('nan')):.1f}"
+                         for k in ("client", "proxy", "ingress", "translator"))
+        print(f"| {b} | {r['throughput_vps']:.1f} | {ratios.get(b, float('nan')):.2f}x | {r['latency_p50_ms']:.0f} | "
+              f"{r['latency_p99_ms']:.0f} | {r['failures']} | {r['mean_batch']:.2f} | "
+              f"{cpu} ({r['translator_model_ms_per_request']:.1f}) |")
     result = {
         "benchmark": "serve_translate", "rows": rows, "throughput_ratio_vs_batch_1": ratios,
-        "handle_throughput_ratio_vs_batch_1": handle_ratios,
         "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "max_ongoing_requests": max_ongoing,
                      "tiny_layout": [2, 512], "llm_layout": [4, 1024],
                      "translator": {"d_model": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from gt_ray import storage
 from gt_ray.translator import TrainConfig
 
 
@@ -288,7 +289,8 @@ class SweepConfig:
     num_samples: int = 6
     """Trials drawn from the search space."""
     max_concurrent_trials: int = 2
-    """Trials at once (bounded by the machine's CPUs too)."""
+    """Trials at once, as set here: the cluster's size at start is not consulted (an
+    autoscaling cluster may start with no worker; Ray queues trials until resources come)."""
     max_epochs: int = 40
     """Epochs per trial at most (ASHA's max_t)."""
     grace_period: int = 5
@@ -305,9 +307,21 @@ class SweepConfig:
     """Batch sizes to choose from."""
     seed: int = 0
     """Seed of the search."""
+    cpus_per_trial: float = 1.0
+    """CPUs each trial reserves (fractions allowed, never 0); torch uses that many threads (at least 1)."""
+    gpus_per_trial: float = 0.0
+    """GPUs each trial reserves: 0 trains on the CPU, a fraction (0.25) shares one GPU among
+    trials, a whole number above 1 gives a trial several. The translator trains on it."""
 
     def __post_init__(self) -> None:
         _positive(self, "num_samples", "max_concurrent_trials", "max_epochs", "grace_period")
+        if self.cpus_per_trial <= 0:
+            raise ValueError(f"cpus_per_trial must be > 0 (Ray refuses 0; a GPU trial can take 0.01), "
+                             f"got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial}")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(f"gpus_per_trial above 1 must be a whole number, got {self.gpus_per_trial}")
         if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
             raise ValueError(f"lr must be [low, high] with 0 < low <= high, got {self.lr}")
         for name in ("d_model", "num_layers", "dropout", "batch_size"):
@@ -370,7 +384,7 @@ class ExperimentConfig:
 
     @property
     def corpus_dir(self) -> str:
-        return self.corpus.storage_path or str(Path(self.work_dir) / "corpus")
+        return self.corpus.storage_path or storage.join(self.work_dir, "corpus")
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

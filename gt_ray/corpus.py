@@ -2,11 +2,17 @@
 
 Storage: one Parquet shard per shadow subset (``shard-00042.parquet``) with one row per
 snapshot step, and ``manifest.json`` with the pair card, the config, counts and a sha256
-per shard. A shard appears only complete (written to a temporary name, then renamed), so
-a rerun skips the subsets whose shards exist and a killed worker leaves nothing half done.
+per shard. The directory is a local path or a URI (``s3://``, ``gs://``, ``file://``; see
+:mod:`gt_ray.storage`). A shard appears only complete (a temporary name then a rename
+locally; an object store shows an object only once its upload completes), so a rerun skips
+the subsets whose shards exist and a killed worker leaves nothing half done.
 
 Vectors are ``fixed_size_list<float32>`` columns; their ``(n_layers, d_layer)`` shapes and
-the layout fingerprints are in the schema metadata.
+the layout fingerprints are in the schema metadata. No row ever becomes a Python list: a
+shard's vector columns are built from the rows' numpy buffers without a copy (one Arrow
+chunk per row), row groups hold about :data:`ROW_GROUP_BYTES`, and readers view Arrow's
+buffers as tensors (``table_to_tensors``) or copy batch by batch into one preallocated
+tensor (``Corpus.load``). ``benchmarks/bench_corpus_memory.py`` measures the peak memory.
 """
 
 from __future__ import annotations
@@ -14,23 +20,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import posixpath
 import random
-import uuid
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from gt_ray import tasks
+from gt_ray import storage, tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, PairCard
-from gt_ray.registry import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,10 @@ MANIFEST = "manifest.json"
 CORPUS_FORMAT = "gt-ray-corpus-v1"
 SHADOW_SPLIT = "public"
 """Shadow subsets come from the public split only; the private splits are the orgs'."""
+ROW_GROUP_BYTES = 16 << 20
+"""Target size of a Parquet row group: what a reader holds undecoded at once."""
+VECTOR_COLUMNS = ("tiny", "llm")
+_SHARD_RE = re.compile(r"shard-(\d{5})\.parquet")
 
 
 @dataclass(frozen=True)
@@ -97,7 +108,8 @@ def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft:
     """Fine-tune both models from the card's init on one shadow subset.
 
     Both see the same examples in the same order (one train seed). Returns one row per
-    snapshot step with both update vectors (flattened float32 lists).
+    snapshot step with both update vectors (flattened float32 numpy arrays sharing the
+    snapshots' memory).
     """
     examples = shadow_examples(subset)
     train_seed = subset.spec.seed ^ 0x5EED
@@ -110,74 +122,144 @@ def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft:
                      "mixture": json.dumps(subset.spec.mixture, sort_keys=True),
                      "secrets": json.dumps(subset.spec.secrets, sort_keys=True), "data_seed": subset.spec.seed,
                      "train_seed": train_seed, "n_examples": len(examples), "tiny_loss": st.loss, "llm_loss": sl.loss,
-                     "tiny": st.update.reshape(-1).tolist(), "llm": sl.update.reshape(-1).tolist()})
+                     "tiny": _flat_float32(st.update), "llm": _flat_float32(sl.update)})
     return rows
 
 
-def write_shard(directory: str | Path, subset_id: int, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
-    """Write one subset's rows atomically (temporary name, fsync, rename)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / shard_name(subset_id)
-    tmp = directory / f".{shard_name(subset_id)}.tmp-{uuid.uuid4().hex[:8]}"
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+def _flat_float32(vector: Any) -> np.ndarray:
+    """A vector (tensor, array or list) as a flat float32 numpy array, without a copy when it
+    already is one (a contiguous CPU float32 tensor or array)."""
+    if isinstance(vector, torch.Tensor):
+        vector = vector.detach().to("cpu", torch.float32).contiguous().numpy()
+    return np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+
+
+def vector_column(vectors: Iterable[Any], width: int) -> pa.ChunkedArray:
+    """A ``fixed_size_list<float32, width>`` column with one chunk per row, each chunk a
+    zero-copy view of that row's buffer (no Python floats, no concatenation).
+
+    Raises:
+        ValueError: if a vector does not have ``width`` values.
+    """
+    chunks = []
+    for i, v in enumerate(vectors):
+        flat = _flat_float32(v)
+        if flat.size != width:
+            raise ValueError(f"row {i}: update vector has {flat.size} values, the card's layout has {width}")
+        chunks.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), width))
+    return pa.chunked_array(chunks, type=pa.list_(pa.float32(), width))
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts with numpy/tensor vectors) as a shard table; vector columns share the rows' memory."""
+    columns = []
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type):
+            try:
+                columns.append(vector_column((r[f.name] for r in rows), f.type.list_size))
+            except ValueError as e:
+                raise ValueError(f"column {f.name}: {e}") from None
+        else:
+            columns.append(pa.array([r[f.name] for r in rows], type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _rows_per_group(schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES) -> int:
+    row_bytes = sum(4 * f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type))
+    return max(1, row_group_bytes // max(1, row_bytes))
+
+
+def write_shard(directory: str | Path, subset_id: int, rows: list[dict[str, Any]], schema: pa.Schema,
+                row_group_bytes: int = ROW_GROUP_BYTES) -> str | Path:
+    """Write one subset's rows atomically; ``directory`` is a path or a URI.
+
+    Rows hold their vectors as numpy arrays or tensors (lists work too, slowly); row groups
+    hold about ``row_group_bytes`` of vectors (at least one row).
+
+    Returns:
+        The shard's location: a ``Path`` for a local ``directory`` given as a path, else the URI.
+    """
+    table = rows_to_table(rows, schema)
+    scalars = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
+    final = storage.join(directory, shard_name(subset_id))
+    with storage.open_output(final) as f:
+        # Dictionary encoding and min/max statistics are useless on update vectors and cost memory.
+        pq.write_table(table, f, row_group_size=_rows_per_group(schema, row_group_bytes), use_dictionary=scalars,
+                       write_statistics=scalars)
+    return final if storage.is_uri(final) else Path(final)
 
 
 def completed_subsets(directory: str | Path) -> set[int]:
     """Ids of subsets whose shard exists (only complete shards ever have the final name)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return set()
-    return {int(p.name[6:11]) for p in directory.glob("shard-*.parquet")}
+    return {int(m.group(1)) for n in storage.list_names(directory) if (m := _SHARD_RE.fullmatch(n))}
 
 
 def write_manifest(directory: str | Path, card: PairCard, cfg: dict[str, Any], n_subsets: int) -> dict[str, Any]:
     """Check every shard and write ``manifest.json`` with counts and checksums.
 
+    Shards are checked one row group at a time, so memory stays at a row group.
+
     Raises:
         ValueError: if a shard is missing, corrupt, mismatched or holds bad vectors.
     """
-    directory = Path(directory)
     missing = sorted(set(range(n_subsets)) - completed_subsets(directory))
     if missing:
         raise ValueError(f"corpus at {directory} is incomplete: {len(missing)} subset(s) missing, e.g. {missing[:5]}")
     shards = {}
     rows = 0
     for i in range(n_subsets):
-        p = directory / shard_name(i)
-        table = read_shard(p, card)
-        check_rows(table, p.name)
-        rows += table.num_rows
-        shards[p.name] = {"rows": table.num_rows, "sha256": file_sha256(p)}
+        name = shard_name(i)
+        location = storage.join(directory, name)
+        n = _check_vectors(_shard_row_groups(location, card), name)
+        rows += n
+        shards[name] = {"rows": n, "sha256": storage.sha256(location)}
     manifest = {"format": CORPUS_FORMAT, "card": card.to_dict(), "config": cfg, "n_subsets": n_subsets,
                 "n_rows": rows, "shards": shards}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    tmp.replace(directory / MANIFEST)
+    storage.write_text(storage.join(directory, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return manifest
 
 
-def read_shard(path: Path, card: PairCard) -> pa.Table:
-    """Read one shard and check it belongs to ``card``.
+def _open_shard(location: str | Path, card: PairCard) -> pq.ParquetFile:
+    fs, path = storage.resolve(location)
+    name = posixpath.basename(path)
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        schema = pf.schema_arrow
+    except Exception as e:  # pyarrow raises several error types for a corrupt file
+        raise ValueError(f"{name}: corrupt or unreadable Parquet shard ({e})") from None
+    _check_card(schema, card, name)
+    return pf
+
+
+def _shard_row_groups(location: str | Path, card: PairCard) -> Iterator[pa.Table]:
+    pf = _open_shard(location, card)
+    name = posixpath.basename(storage.resolve(location)[1])
+    for i in range(pf.num_row_groups):
+        try:
+            yield pf.read_row_group(i, columns=list(VECTOR_COLUMNS))
+        except Exception as e:
+            raise ValueError(f"{name}: corrupt or unreadable Parquet shard ({e})") from None
+
+
+def read_shard(path: str | Path, card: PairCard) -> pa.Table:
+    """Read one shard (a path or a URI) and check it belongs to ``card``.
 
     Raises:
         ValueError: if the file is unreadable or made for another card/layout.
     """
+    pf = _open_shard(path, card)
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several error types for a corrupt file
-        raise ValueError(f"{path.name}: corrupt or unreadable Parquet shard ({e})") from None
-    meta = _schema_meta(table.schema, path.name)
+        return pf.read()
+    except Exception as e:
+        raise ValueError(f"{posixpath.basename(str(path))}: corrupt or unreadable Parquet shard ({e})") from None
+
+
+def _check_card(schema: pa.Schema, card: PairCard, name: str) -> None:
+    meta = _schema_meta(schema, name)
     expected = json.loads(corpus_schema(card).metadata[b"gt_ray"])
     for key in ("card_id", "tiny_fingerprint", "llm_fingerprint", "tiny_shape", "llm_shape"):
         if meta.get(key) != expected[key]:
-            raise ValueError(f"{path.name}: {key} {meta.get(key)!r} does not match the pair card's {expected[key]!r}")
-    return table
+            raise ValueError(f"{name}: {key} {meta.get(key)!r} does not match the pair card's {expected[key]!r}")
 
 
 def _schema_meta(schema: pa.Schema, name: str) -> dict[str, Any]:
@@ -187,47 +269,76 @@ def _schema_meta(schema: pa.Schema, name: str) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def vector_views(column: pa.ChunkedArray | pa.Array) -> Iterator[np.ndarray]:
+    """Each chunk of a ``fixed_size_list<float32>`` column as a read-only ``(rows, width)``
+    numpy view of Arrow's buffer (no copy)."""
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        yield chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), chunk.type.list_size)
+
+
 def check_rows(table: pa.Table, name: str) -> None:
     """Every vector finite and non-zero; no two rows with identical vectors."""
-    for col in ("tiny", "llm"):
-        flat = table.column(col).combine_chunks()
-        values = torch.from_numpy(flat.flatten().to_numpy(zero_copy_only=False).copy()).reshape(table.num_rows, -1)
-        if not bool(torch.isfinite(values).all()):
+    _check_vectors([table], name)
+
+
+def _check_vectors(parts: Iterable[pa.Table], name: str) -> int:
+    """:func:`check_rows` over a shard given in parts (row groups); returns the row count."""
+    bad: dict[str, dict[str, Any]] = {c: {"finite": True, "zero": [], "digests": set()} for c in VECTOR_COLUMNS}
+    n = 0
+    for part in parts:
+        for col in VECTOR_COLUMNS:
+            b, row = bad[col], n
+            for values in vector_views(part.column(col)):  # (rows, width), Arrow's memory
+                b["finite"] &= bool(np.isfinite(values).all())
+                b["zero"] += [row + int(i) for i in np.flatnonzero(~values.any(axis=1))]
+                b["digests"].update(hashlib.sha256(v.tobytes()).hexdigest() for v in values)
+                row += len(values)
+        n += part.num_rows
+    for col, b in bad.items():
+        if not b["finite"]:
             raise ValueError(f"{name}: non-finite values in column {col}")
-        zero = (values.abs().amax(dim=1) == 0).nonzero().flatten().tolist()
-        if zero:
-            raise ValueError(f"{name}: zero {col} update vector in row(s) {zero}")
-        digests = {hashlib.sha256(v.numpy().tobytes()).hexdigest() for v in values}
-        if len(digests) != table.num_rows:
+        if b["zero"]:
+            raise ValueError(f"{name}: zero {col} update vector in row(s) {b['zero']}")
+        if len(b["digests"]) != n:
             raise ValueError(f"{name}: repeated {col} update vectors")
+    return n
 
 
 class Corpus:
     """Read access to a finished corpus directory (validated against its manifest).
 
     Args:
-        directory: the corpus directory (with manifest.json).
+        directory: the corpus directory (with manifest.json): a path or a URI.
         verify: recompute every shard's sha256 against the manifest.
+
+    Attributes:
+        directory: a ``Path`` for a local corpus, else the URI as given.
 
     Raises:
         ValueError: if the manifest is missing or a shard is missing or corrupt.
     """
 
     def __init__(self, directory: str | Path, verify: bool = True):
-        self.directory = Path(directory)
-        mpath = self.directory / MANIFEST
-        if not mpath.is_file():
-            raise ValueError(f"no corpus at {self.directory}: {MANIFEST} missing (run `gt-ray corpus build`)")
-        self.manifest = json.loads(mpath.read_text())
+        self.uri = str(directory)
+        self.directory: str | Path = storage.local_path(directory) if storage.is_local(directory) else self.uri
+        mpath = storage.join(self.uri, MANIFEST)
+        try:
+            self.manifest = json.loads(storage.read_text(mpath))
+        except FileNotFoundError:
+            raise ValueError(f"no corpus at {self.directory}: {MANIFEST} missing (run `gt-ray corpus build`)") from None
+        except json.JSONDecodeError:
+            raise ValueError(f"{mpath}: not a gt-ray corpus manifest") from None
         if self.manifest.get("format") != CORPUS_FORMAT:
             raise ValueError(f"{mpath}: not a gt-ray corpus manifest")
+        present = set(storage.list_names(self.uri))
         for name, info in self.manifest["shards"].items():
-            p = self.directory / name
-            if not p.is_file():
+            if name not in present:
                 raise ValueError(f"corpus shard {name} is missing")
-            if verify and file_sha256(p) != info["sha256"]:
+            if verify and storage.sha256(storage.join(self.uri, name)) != info["sha256"]:
                 raise ValueError(f"corpus shard {name} is corrupt: sha256 differs from the manifest")
-        self.dataset = pads.dataset([str(self.directory / n) for n in sorted(self.manifest["shards"])], format="parquet")
+        fs, root = storage.resolve(self.uri)
+        self.dataset = pads.dataset([posixpath.join(root, n) for n in sorted(self.manifest["shards"])],
+                                    format="parquet", filesystem=fs)
         meta = _schema_meta(self.dataset.schema, MANIFEST)
         self.tiny_shape = tuple(meta["tiny_shape"])
         self.llm_shape = tuple(meta["llm_shape"])
@@ -249,54 +360,116 @@ class Corpus:
                                                         r["data_seed"], json.loads(r["secrets"]))
         return out
 
+    def card(self) -> PairCard:
+        """The pair card the corpus was built for (stored in the manifest; works for any URI)."""
+        return PairCard.from_dict(dict(self.manifest["card"]), source=storage.join(self.uri, MANIFEST))
+
     def load(self, subset_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """Load rows into memory (small corpora; use :class:`CorpusDataset` to stream).
+        """Load rows into memory (use :class:`CorpusDataset` to stream).
+
+        The vectors are copied once, row group by row group, into tensors allocated up
+        front: peak memory is the result plus about one row group, never a second full copy.
 
         Returns:
             dict with ``tiny`` (N, L_tiny, d_tiny), ``llm`` (N, L_llm, d_llm), ``subset_id``
-            (N,), ``step`` (N,) and ``secret_k`` (N,).
+            (N,), ``step`` (N,) and ``secret_k`` (N,), in shard order then row order.
         """
-        table = self.dataset.to_table(filter=_filter(subset_ids, steps))
-        return table_to_tensors(table, self.tiny_shape, self.llm_shape)
+        n = sum(int(mask.sum()) for _, _, mask in self._row_groups(subset_ids, steps))
+        out = {"tiny": torch.empty((n, *self.tiny_shape)), "llm": torch.empty((n, *self.llm_shape)),
+               **{k: torch.empty(n, dtype=torch.long) for k in _ID_COLUMNS}}
+        i = 0
+        for batch, mask in self._batches(subset_ids, steps, batch_rows=None):
+            rows = np.flatnonzero(mask)
+            k = len(rows)
+            for col in VECTOR_COLUMNS:
+                (values,) = vector_views(batch.column(col))  # (batch rows, width), Arrow's memory
+                np.copyto(out[col][i : i + k].view(k, -1).numpy(), values[rows] if k < len(mask) else values)
+            for col in _ID_COLUMNS:
+                out[col][i : i + k] = torch.from_numpy(batch.column(col).to_numpy()[rows].astype(np.int64))
+            i += k
+        assert i == n, (i, n)
+        return out
+
+    def _row_groups(self, subset_ids: Sequence[int] | None,
+                    steps: Sequence[int] | None) -> Iterator[tuple[pq.ParquetFile, int, np.ndarray]]:
+        """``(file, row group, selected rows mask)`` for each row group with a selected row,
+        in shard then row order; only the small id columns are read here."""
+        fs, root = storage.resolve(self.uri)
+        wanted = None if subset_ids is None else set(subset_ids)
+        for name in sorted(self.manifest["shards"]):
+            if wanted is not None and int(name[6:11]) not in wanted:
+                continue  # a shard holds one subset
+            with fs.open_input_file(posixpath.join(root, name)) as f:
+                pf = pq.ParquetFile(f)
+                for g in range(pf.num_row_groups):
+                    mask = _select(pf.read_row_group(g, columns=list(_ID_COLUMNS)), subset_ids, steps)
+                    if mask.any():
+                        yield pf, g, mask
+
+    def _batches(self, subset_ids: Sequence[int] | None, steps: Sequence[int] | None,
+                 batch_rows: int | None) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+        """Record batches of the selected row groups with their selected-rows masks, read
+        one at a time (a Dataset scanner reads ahead and held ~20 MB per row at real scale)."""
+        for pf, g, _ in self._row_groups(subset_ids, steps):
+            size = batch_rows or pf.metadata.row_group(g).num_rows
+            for batch in pf.iter_batches(batch_size=size, row_groups=[g], columns=[*VECTOR_COLUMNS, *_ID_COLUMNS],
+                                         use_threads=False):
+                mask = _select(batch, subset_ids, steps)
+                if mask.any():
+                    yield batch, mask
 
 
-def table_to_tensors(table: pa.Table, tiny_shape: Sequence[int], llm_shape: Sequence[int]) -> dict[str, torch.Tensor]:
+_ID_COLUMNS = ("subset_id", "step", "secret_k")
+
+
+def _select(table: pa.Table | pa.RecordBatch, subset_ids: Sequence[int] | None, steps: Sequence[int] | None) -> np.ndarray:
+    mask = np.ones(table.num_rows, dtype=bool)
+    if subset_ids is not None:
+        mask &= np.isin(table.column("subset_id").to_numpy(), np.asarray(list(subset_ids), dtype=np.int64))
+    if steps is not None:
+        mask &= np.isin(table.column("step").to_numpy(), np.asarray(list(steps), dtype=np.int64))
+    return mask
+
+
+def table_to_tensors(table: pa.Table | pa.RecordBatch, tiny_shape: Sequence[int],
+                     llm_shape: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A table's rows as tensors; a single-chunk vector column becomes a view of Arrow's
+    buffer (no copy), a multi-chunk one is copied once into one tensor.
+
+    Returns:
+        dict with ``tiny`` (N, *tiny_shape), ``llm`` (N, *llm_shape), ``subset_id``,
+        ``step``, ``secret_k`` (N,) long.
+    """
     n = table.num_rows
 
     def vec(col: str, shape: Sequence[int]) -> torch.Tensor:
-        flat = table.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return torch.from_numpy(flat.copy()).reshape(n, *shape)
+        views = list(vector_views(table.column(col)))
+        if len(views) == 1:
+            with warnings.catch_warnings():  # Arrow's buffers are read-only; the tensor never writes to them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(views[0]).reshape(n, *shape)
+        flat = np.concatenate(views) if views else np.empty((0, int(np.prod(shape))), dtype=np.float32)
+        return torch.from_numpy(flat).reshape(n, *shape)
 
-    return {"tiny": vec("tiny", tiny_shape), "llm": vec("llm", llm_shape),
-            "subset_id": torch.tensor(table.column("subset_id").to_pylist(), dtype=torch.long),
-            "step": torch.tensor(table.column("step").to_pylist(), dtype=torch.long),
-            "secret_k": torch.tensor(table.column("secret_k").to_pylist(), dtype=torch.long)}
-
-
-def _filter(subset_ids: Sequence[int] | None, steps: Sequence[int] | None):
-    expr = None
-    if subset_ids is not None:
-        expr = pads.field("subset_id").isin(list(subset_ids))
-    if steps is not None:
-        e = pads.field("step").isin(list(steps))
-        expr = e if expr is None else expr & e
-    return expr
+    ids = {c: torch.from_numpy(np.asarray(table.column(c)).astype(np.int64)) for c in _ID_COLUMNS}
+    return {"tiny": vec("tiny", tiny_shape), "llm": vec("llm", llm_shape), **ids}
 
 
 class CorpusDataset(torch.utils.data.IterableDataset):
     """Streams (tiny, llm) pairs from the shards in record batches, never the whole corpus.
 
-    Yields tuples ``(tiny (L_tiny, d_tiny), llm (L_llm, d_llm))``.
+    Yields tuples ``(tiny (L_tiny, d_tiny), llm (L_llm, d_llm))``, views of the batch's
+    Arrow memory (read-only: copy before modifying in place).
     """
 
     def __init__(self, corpus: Corpus, subset_ids: Sequence[int] | None = None, batch_rows: int = 1024):
         self.corpus, self.subset_ids, self.batch_rows = corpus, subset_ids, batch_rows
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.corpus.dataset.to_batches(columns=["tiny", "llm", "subset_id", "step", "secret_k"],
-                                                    filter=_filter(self.subset_ids, None), batch_size=self.batch_rows):
-            t = table_to_tensors(pa.Table.from_batches([batch]), self.corpus.tiny_shape, self.corpus.llm_shape)
-            yield from zip(t["tiny"], t["llm"])
+        for batch, mask in self.corpus._batches(self.subset_ids, None, self.batch_rows):
+            t = table_to_tensors(batch, self.corpus.tiny_shape, self.corpus.llm_shape)
+            for i in np.flatnonzero(mask):
+                yield t["tiny"][i], t["llm"][i]
 
 
 def split_by_subset(subset_ids: Sequence[int], val_fraction: float, test_fraction: float,

@@ -23,6 +23,10 @@ PRIVACY_UNIT = "example"
 """DP-SGD's unit of privacy: one training example (add/remove one example from the data)."""
 
 
+class FinetuneFailedError(RuntimeError):
+    """The fine-tune ran but its update is unusable: not finite, or the LoRA weights did not move."""
+
+
 @dataclass
 class Snapshot:
     """The update vector after ``step`` optimizer steps."""
@@ -76,8 +80,8 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
         Snapshot per ``cfg.snapshot_steps``.
 
     Raises:
-        RuntimeError: if the LoRA weights did not move (a silent-failure mode seen with
-            opacus + peft upstream), or the update is not finite.
+        FinetuneFailedError: if the LoRA weights did not move (a silent-failure mode seen
+            with opacus + peft upstream), or the update is not finite.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -136,9 +140,9 @@ def finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneConfig, 
 
 def _check_moved(update: torch.Tensor, step: int) -> None:
     if not bool(torch.isfinite(update).all()):
-        raise RuntimeError(f"update at step {step} has non-finite values: training diverged")
+        raise FinetuneFailedError(f"update at step {step} has non-finite values: training diverged")
     if float(update.abs().max()) == 0.0:
-        raise RuntimeError(f"LoRA weights did not move by step {step}: the update is zero")
+        raise FinetuneFailedError(f"LoRA weights did not move by step {step}: the update is zero")
 
 
 def _index(data: Batch, idx: torch.Tensor) -> Batch:

@@ -24,8 +24,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from gt_ray import storage
 from gt_ray import tasks as tasks_mod
-from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.config import ExperimentConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
 from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, hash_file, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
@@ -222,44 +223,83 @@ class ModelCard:
     d_layer: int
 
 
+RECIPE_KEYS = ("steps", "lr", "batch_size", "weight_decay", "dtype")
+"""The recipe fields an organization's fine-tune must match (its data size and snapshots may differ)."""
+
+
+def recipe_of(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The fine-tune recipe of ``cfg``'s shadow corpus, as recorded in the pair card."""
+    ft = cfg.finetune
+    return {"steps": ft.steps, "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay,
+            "n_examples": ft.n_examples, "snapshot_steps": list(ft.snapshot_steps), "dtype": cfg.pair.tiny.dtype}
+
+
+def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    """Hash of the :data:`RECIPE_KEYS` of a recipe (what the service compares)."""
+    return config_hash({k: recipe[k] for k in RECIPE_KEYS}, n=16)
+
+
 @dataclass(frozen=True)
 class PairCard:
-    """The provider's fixed pair: base models, LoRA spec, init seeds and layouts."""
+    """The provider's fixed pair: base models, LoRA spec, init seeds and layouts, and the
+    fine-tune recipe its shadow corpus used (organizations follow it)."""
 
     tiny: ModelCard
     llm: ModelCard
     lora: dict[str, Any]
     version: int = CARD_VERSION
+    recipe: dict[str, Any] | None = None
+    """:func:`recipe_of` the corpus config: steps, lr, batch_size, weight_decay, n_examples,
+    snapshot_steps, dtype (the TinyLM's). ``None`` on cards written before recipes."""
 
     @property
     def card_id(self) -> str:
-        return config_hash(asdict(self), n=16)
+        data = asdict(self)
+        if data["recipe"] is None:
+            del data["recipe"]  # a card without a recipe keeps the id it had before recipes existed
+        return config_hash(data, n=16)
+
+    @property
+    def recipe_fingerprint(self) -> str | None:
+        return None if self.recipe is None else recipe_fingerprint(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "card_id": self.card_id}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
-        return path
+    def save(self, path: str | Path) -> str | Path:
+        """Write the card JSON atomically to a path or a URI (gt_ray.storage); returns ``path``."""
+        storage.write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path if storage.is_uri(path) else Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PairCard":
-        """Read a card JSON. Raises ValueError if missing, malformed or tampered with."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"pair card not found: {path}")
+        """Read a card JSON from a path or a URI. Raises ValueError if missing, malformed or tampered with."""
+        path = path if storage.is_uri(path) else Path(path)
         try:
-            data = json.loads(path.read_text())
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            raise ValueError(f"pair card not found: {path}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a gt-ray pair card ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "pair card") -> "PairCard":
+        """Build a card from its JSON dict (``to_dict``'s output), checking ``card_id``.
+
+        Raises:
+            ValueError: naming ``source``, if malformed or tampered with.
+        """
+        try:
+            data = dict(data)
             card_id = data.pop("card_id", None)
             card = cls(tiny=ModelCard(**data.pop("tiny")), llm=ModelCard(**data.pop("llm")), **data)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}: not a gt-ray pair card ({e})") from None
+        except (TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{source}: not a gt-ray pair card ({e})") from None
         if card_id is not None and card_id != card.card_id:
-            raise ValueError(f"{path}: card_id {card_id} does not match its content ({card.card_id})")
+            raise ValueError(f"{source}: card_id {card_id} does not match its content ({card.card_id})")
         return card
 
 
@@ -307,14 +347,16 @@ def load_with_lora(path: str | Path, lora: LoraSpec, seed: int, dtype: str = "fl
     return LoadedModel(peft_model, tokenizer, layout, init, Path(path))
 
 
-def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path) -> PairCard:
-    """Describe a prepared pair: weights hashes, layouts and LoRA inits of both models."""
+def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path,
+                   recipe: dict[str, Any] | None = None) -> PairCard:
+    """Describe a prepared pair: weights hashes, layouts and LoRA inits of both models, and
+    the fine-tune ``recipe`` (:func:`recipe_of`) when known."""
     sides = {}
     for side, path, seed, spec in (("tiny", tiny_path, pair.lora.init_seed_tiny, pair.tiny),
                                    ("llm", llm_path, pair.lora.init_seed_llm, pair.llm)):
         lm = load_with_lora(path, pair.lora, seed, spec.dtype)
         sides[side] = describe_model(path, lm.model, lm.layout, lm.init, seed)
-    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora))
+    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora), recipe=recipe)
 
 
 def load_card_side(card: PairCard, side: str, dtype: str = "float32", path: str | Path | None = None) -> LoadedModel:

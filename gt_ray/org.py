@@ -119,6 +119,10 @@ PRIVATE_REPORT_FIELDS = ("original_norm", "clipped")
 """PrivacyReport fields computed from the raw vector: kept local, never written."""
 
 
+class FinetuneError(Exception):
+    """The fine-tune ran but gave no usable update vector (it diverged, or the weights did not move)."""
+
+
 class SubmissionError(Exception):
     """The provider refused a submission, or it could not be delivered.
 
@@ -249,7 +253,8 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
                  cfg: FinetuneConfig | None = None, dp: DPConfig | None = None,
                  vector: VectorMechanism | None = None, ledger: PrivacyLedger | None = None,
                  org_id: str | None = None, round_id: str | None = None, seed: int | None = None,
-                 on_progress: Callable[[int, int, float], None] | None = None) -> tuple[Path, dict[str, Any]]:
+                 on_progress: Callable[[int, int, float], None] | None = None,
+                 allow_recipe_mismatch: bool = False) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the card's TinyLM on private data and write the (privatized) update vector.
 
     Order of work: load and check the data; with ``vector``, refuse a release the ledger
@@ -264,7 +269,9 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         out: where to write the update vector (safetensors).
         model_path: local directory of the card's TinyLM (default: the card's path).
         cfg: fine-tuning settings; its last snapshot step must be ``cfg.steps`` (snapshots
-            are where ``on_progress`` is called). Default ``FinetuneConfig(snapshot_steps=[steps])``.
+            are where ``on_progress`` is called). Default: the card's recipe
+            (:func:`follow_recipe`), or ``FinetuneConfig(snapshot_steps=[steps])`` for a card
+            without one. Settings that differ from the card's recipe are refused.
         dp: DP-SGD settings (unit: one example); ``delta`` must be below ``1 / n_examples``.
         vector: the vector mechanism (unit: the organization); needs ``ledger``, ``org_id``
             and ``round_id``.
@@ -273,6 +280,8 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         seed: seed of batch sampling and of all noise; ``None`` draws a secret one. Under
             any DP it is not written to the metadata.
         on_progress: called as ``on_progress(step, total_steps, mean_loss)`` at snapshots.
+        allow_recipe_mismatch: fine-tune with ``cfg`` even where it differs from the card's
+            recipe (recorded in the metadata; the provider may refuse such a vector).
 
     Returns:
         ``(path, metadata)``: the written file and the metadata stored in it.
@@ -281,11 +290,11 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         ValueError: bad data, a card/model mismatch, bad options, a round already
             released, or :class:`gt_ray.privacy.BudgetExceededError` (a ``ValueError``)
             when the release would exceed the budget. Nothing is written then.
-        RuntimeError: fine-tuning diverged or the LoRA weights did not move.
+        FinetuneError: fine-tuning diverged or the LoRA weights did not move (nothing is
+            written, nothing is recorded in the ledger).
     """
     t0 = time.time()
-    cfg = cfg if cfg is not None else FinetuneConfig(snapshot_steps=[FinetuneConfig.steps])
-    if cfg.snapshot_steps[-1] != cfg.steps:
+    if cfg is not None and cfg.snapshot_steps[-1] != cfg.steps:
         raise ValueError(f"the last snapshot step must be the last step {cfg.steps}, got {cfg.snapshot_steps}")
     for name, value in (("org_id", org_id), ("round_id", round_id)):
         if value is not None:
@@ -298,7 +307,6 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
 
     examples, data_desc = load_org_examples(data)
     n = len(examples)
-    cfg = dataclasses.replace(cfg, n_examples=n)
     if use_dp and dp.delta >= 1.0 / n:
         raise ValueError(f"DP-SGD delta={dp.delta:g} must be below 1/n_examples={1.0 / n:.3g} "
                          "(a larger delta allows leaking an example outright)")
@@ -307,11 +315,13 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
 
     # Imported only now: peft takes seconds to import, and ``gt-ray org submit`` and the
     # checks above (which catch most user mistakes) should not wait for it.
-    from gt_ray.finetune import FinetuneResult, iter_finetune
-    from gt_ray.models import PairCard
+    from gt_ray.finetune import FinetuneFailedError, FinetuneResult, iter_finetune
+    from gt_ray.models import PairCard, recipe_fingerprint
 
     if not isinstance(card, PairCard):
         card = PairCard.load(card)
+    cfg, mismatch = follow_recipe(card, cfg, allow_recipe_mismatch)
+    cfg = dataclasses.replace(cfg, n_examples=n)
     lm = load_org_model(card, model_path)
     private = use_dp or vector is not None
     if seed is None:
@@ -319,9 +329,12 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
     result = FinetuneResult([], [])
     logger.info("fine-tuning the TinyLM on %d examples for %d steps (DP-SGD %s)", n, cfg.steps,
                 "on" if use_dp else "off")
-    for snap in iter_finetune(lm, examples, cfg, seed, dp, result):
-        if on_progress is not None:
-            on_progress(snap.step, cfg.steps, snap.loss)
+    try:
+        for snap in iter_finetune(lm, examples, cfg, seed, dp, result):
+            if on_progress is not None:
+                on_progress(snap.step, cfg.steps, snap.loss)
+    except FinetuneFailedError as e:
+        raise FinetuneError(f"{e} (try a larger --lr or more --steps; nothing was written)") from None
     update = result.final.update  # (n_layers, d_layer)
 
     report = None
@@ -344,6 +357,8 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         "steps": cfg.steps,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
+        "recipe_fingerprint": recipe_fingerprint({**dataclasses.asdict(cfg), "dtype": _card_dtype(card)}),
+        "recipe_mismatch": mismatch,
         "seed": None if private else seed,
         "seed_withheld": private,
         "dp_sgd": ({**result.dp_dict(), "max_grad_norm": dp.max_grad_norm, "target_epsilon": dp.target_epsilon}
@@ -355,8 +370,44 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
     return path, metadata
 
 
+def follow_recipe(card: PairCard, cfg: FinetuneConfig | None,
+                  allow_mismatch: bool = False) -> tuple[FinetuneConfig, bool]:
+    """The fine-tune settings for ``card``: its recipe when ``cfg`` is ``None``; a given
+    ``cfg`` is checked against the recipe's steps, lr, batch size and weight decay.
+
+    Returns:
+        ``(settings, differs)``; ``differs`` is True only when allowed.
+
+    Raises:
+        ValueError: ``cfg`` differs from the card's recipe and ``allow_mismatch`` is False.
+    """
+    recipe = card.recipe
+    if cfg is None:
+        if recipe is None:
+            return FinetuneConfig(snapshot_steps=[FinetuneConfig.steps]), False
+        return FinetuneConfig(steps=recipe["steps"], lr=recipe["lr"], batch_size=recipe["batch_size"],
+                              weight_decay=recipe["weight_decay"], snapshot_steps=[recipe["steps"]]), False
+    if recipe is None:
+        return cfg, False
+    diffs = [f"{k} {_fmt(getattr(cfg, k))} (card: {_fmt(recipe[k])})"
+             for k in ("steps", "lr", "batch_size", "weight_decay") if getattr(cfg, k) != recipe[k]]
+    if diffs and not allow_mismatch:
+        raise ValueError(f"fine-tune recipe differs from pair card {card.card_id}'s: {'; '.join(diffs)}; "
+                         "pass --allow-recipe-mismatch to use it anyway (the provider may refuse the vector)")
+    return cfg, bool(diffs)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _card_dtype(card: PairCard) -> str:
+    return card.recipe["dtype"] if card.recipe is not None else "float32"
+
+
 def load_org_model(card: PairCard, model_path: str | Path | None = None) -> LoadedModel:
-    """Load the card's TinyLM with the card's LoRA init, refusing one that differs.
+    """Load the card's TinyLM with the card's LoRA init, in the card recipe's dtype,
+    refusing one that differs.
 
     Args:
         card: the pair card.
@@ -376,7 +427,7 @@ def load_org_model(card: PairCard, model_path: str | Path | None = None) -> Load
         hint = "" if model_path is not None else " (the path in the card; pass --model-path for a local copy)"
         raise ValueError(f"no Hugging Face model directory at {path}{hint}")
     try:
-        return load_card_side(card, "tiny", path=path)
+        return load_card_side(card, "tiny", dtype=_card_dtype(card), path=path)
     except ValueError as e:
         raise ValueError(f"refusing the TinyLM at {path}: it does not match pair card {card.card_id} ({e})") from None
 
@@ -629,10 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model-path", metavar="DIR", help="local directory of the card's TinyLM (default: the card's path)")
     f.add_argument("--round", dest="round_id", metavar="R", help="round id (in the metadata; required with --vector-epsilon)")
     f.add_argument("--org-id", metavar="ORG", help="organization id (in the metadata; required with --vector-epsilon)")
-    g = f.add_argument_group("fine-tuning (defaults: gt_ray.config.FinetuneConfig)")
+    g = f.add_argument_group("fine-tuning (defaults: the card's recipe, else gt_ray.config.FinetuneConfig)")
     g.add_argument("--steps", type=_positive_int, metavar="N")
     g.add_argument("--lr", type=_positive_float, metavar="X")
     g.add_argument("--batch-size", type=_positive_int, metavar="B")
+    g.add_argument("--allow-recipe-mismatch", action="store_true",
+                   help="use --steps/--lr/--batch-size even where they differ from the card's recipe")
     g.add_argument("--seed", type=int, metavar="S", help="seed of sampling and noise (default: a secret random one; "
                    "under DP it is not written to the vector, keep it private)")
     g = f.add_argument_group("DP-SGD, unit of privacy: one example (defaults: gt_ray.config.DPConfig)")
@@ -682,10 +735,11 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
             raise ValueError(f"--vector-epsilon needs {', '.join(missing)}")
         delta_budget = args.delta_budget if args.delta_budget is not None else 0.0
         ledger = open_ledger(args.ledger, args.eps_budget, delta_budget)
-    steps = args.steps if args.steps is not None else FinetuneConfig.steps
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size))
                  if v is not None}
-    cfg = FinetuneConfig(**overrides, snapshot_steps=progress_steps(steps))
+    recipe = _card_recipe(args.card) or {}
+    settings = {**{k: recipe[k] for k in ("steps", "lr", "batch_size", "weight_decay") if k in recipe}, **overrides}
+    cfg = FinetuneConfig(**settings, snapshot_steps=progress_steps(settings.get("steps", FinetuneConfig.steps)))
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     if args.seed is not None and (dp is not None or vector is not None):
         logger.warning("--seed fixes the DP noise: whoever learns the seed can remove it; keep it private")
@@ -700,7 +754,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     try:
         path, meta = finetune_org(args.card, args.data, args.out, model_path=args.model_path, cfg=cfg, dp=dp,
                                   vector=vector, ledger=ledger, org_id=args.org_id, round_id=args.round_id,
-                                  seed=seed, on_progress=on_progress)
+                                  seed=seed, on_progress=on_progress,
+                                  allow_recipe_mismatch=args.allow_recipe_mismatch)
     finally:
         bar.close()
     update, _ = load_update(path, expected_fingerprint=meta["fingerprint"])  # read back what was written
@@ -708,6 +763,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         ("path", path), ("card_id", meta["card_id"]), ("fingerprint", meta["fingerprint"]),
         ("org_id", meta["org_id"]), ("round", meta["round_id"]), ("n_examples", meta["n_examples"]),
         ("steps", meta["steps"]), ("update_norm", float(update.norm())), ("seed", seed),
+        ("recipe_fingerprint", meta["recipe_fingerprint"]), ("recipe_mismatch", meta["recipe_mismatch"]),
     ]
     sgd = meta["dp_sgd"]
     lines += ([("dp_sgd_epsilon", sgd["epsilon"]), ("dp_sgd_delta", sgd["delta"]),
@@ -731,6 +787,16 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         if value is None:
             continue
         print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
+
+
+def _card_recipe(card_path: str) -> dict[str, Any] | None:
+    """The recipe in a card JSON, read without importing the model stack (finetune_org
+    checks the whole card); None if absent or unreadable (finetune_org reports that)."""
+    try:
+        recipe = json.loads(Path(card_path).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def _dp_config(args: argparse.Namespace) -> DPConfig | None:
@@ -784,14 +850,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``gt-ray org finetune|submit``: user mistakes print one ``error:`` line and exit 2.
 
     Raises:
-        SystemExit: 2 on a ``ValueError``, ``OSError`` or :class:`SubmissionError`.
+        SystemExit: 2 on a ``ValueError``, ``OSError``, :class:`FinetuneError` or
+            :class:`SubmissionError`.
     """
     if not logging.getLogger().handlers:  # run directly, not through jobs.cli (which sets it up)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         args.func(args)
-    except (ValueError, OSError, SubmissionError) as e:
+    except (ValueError, OSError, FinetuneError, SubmissionError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
 

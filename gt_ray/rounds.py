@@ -48,6 +48,16 @@ an orphan of a crash and is overwritten by the next accepted submission). Writer
 per-round ``flock``, so threads and processes sharing the directory take turns, and every
 operation re-reads ``round.json``: a restarted service loses no accepted submission.
 
+What a submission must be
+-------------------------
+Besides a valid file for the card's TinyLM layout (:func:`parse_update_bytes`): not all
+zeros (a fine-tune that learned nothing, which would only dilute a mean), and, when the
+store has a :class:`NormBound`, an L2 norm inside the range of the shadow corpus' TinyLM
+updates widened by a factor. The bound comes from ``input_norms.json`` beside the translator
+checkpoint (:func:`write_norm_bound`, :func:`load_norm_bound`). A round whose rule is
+robust (``median``, ``trimmed_mean``) may set ``accept_outliers``: one outlier cannot move
+such a rule far, and the round may want to see what arrives.
+
 Idempotency
 -----------
 Per organization and round: a submission whose ``Idempotency-Key`` (or, without a key,
@@ -112,6 +122,13 @@ ADAPTER_ZIP = "adapter.zip"
 MAX_HEADER_BYTES = 1 << 20
 """A safetensors header longer than this is refused before it is parsed."""
 SAFETENSORS_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+NORM_BOUND_FILE = "input_norms.json"
+"""Written beside the translator checkpoint by :func:`write_norm_bound`."""
+NORM_BOUND_FORMAT = "gt-ray-input-norms-v1"
+DEFAULT_OUTLIER_FACTOR = 10.0
+"""A submission's norm may be this many times above the corpus' largest, or below its smallest."""
+ROBUST_RULES = ("median", "trimmed_mean")
+"""Rules for which one vector far out moves the aggregate a bounded amount."""
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 """Fixed zip entry dates, so the same adapter always zips to the same bytes."""
 
@@ -164,6 +181,9 @@ class RoundSpec:
     one organization as the unit (add/remove); needs ``clip_norm`` and ``rule='mean'``."""
     dp_delta: float | None = None
     """The delta of the central noise, in ``(0, 1)``."""
+    accept_outliers: bool = False
+    """Take vectors whose norm is outside the store's :class:`NormBound`; only with a
+    robust rule (:data:`ROBUST_RULES`)."""
 
     def __post_init__(self) -> None:
         if self.rule not in AGGREGATION_RULES:
@@ -193,6 +213,13 @@ class RoundSpec:
                 raise ValueError(f"quorum must be an integer >= 1, got {self.quorum!r}")
             if self.expected_orgs is not None and self.quorum > len(self.expected_orgs):
                 raise ValueError(f"quorum {self.quorum} exceeds the {len(self.expected_orgs)} expected organizations")
+        if not isinstance(self.accept_outliers, bool):
+            raise ValueError(f"accept_outliers must be true or false, got {self.accept_outliers!r}")
+        if self.accept_outliers and self.rule not in ROBUST_RULES:
+            raise ValueError(f"accept_outliers needs a robust rule ({' or '.join(ROBUST_RULES)}): with rule "
+                             f"{self.rule!r} one vector far out moves the aggregate without bound")
+        if self.accept_outliers and self.rule == "trimmed_mean" and self.trim_fraction == 0:
+            raise ValueError("accept_outliers with trimmed_mean needs trim_fraction > 0 (0 trims nothing)")
         if (self.dp_epsilon is None) != (self.dp_delta is None):
             raise ValueError("dp_epsilon and dp_delta go together")
         if self.dp_epsilon is not None:
@@ -392,6 +419,115 @@ def update_to_bytes(update: torch.Tensor, fingerprint: str, metadata: dict[str, 
     meta = {"format": UPDATE_FORMAT, "fingerprint": fingerprint,
             "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
     return save_safetensors_bytes({UPDATE_TENSOR: update.detach().float().contiguous().cpu()}, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- what a vector may hold
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """The L2 norms a submitted TinyLM vector may have: the corpus' range widened by ``factor``."""
+
+    min_norm: float
+    """Smallest norm of the shadow corpus' TinyLM updates."""
+    max_norm: float
+    """Largest norm of the shadow corpus' TinyLM updates."""
+    factor: float = DEFAULT_OUTLIER_FACTOR
+    """Accepted: ``[min_norm / factor, max_norm * factor]``."""
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.min_norm) and _is_number(self.max_norm) and 0 < self.min_norm <= self.max_norm):
+            raise ValueError(f"norm bound needs 0 < min_norm <= max_norm, got {self.min_norm!r}, {self.max_norm!r}")
+        if not (_is_number(self.factor) and self.factor >= 1):
+            raise ValueError(f"outlier factor must be a finite number >= 1, got {self.factor!r}")
+
+    @property
+    def low(self) -> float:
+        return self.min_norm / self.factor
+
+    @property
+    def high(self) -> float:
+        return self.max_norm * self.factor
+
+
+def check_update_content(update: torch.Tensor, bound: NormBound | None = None) -> None:
+    """Refuse an all-zero update, and one whose L2 norm is outside ``bound`` (when given).
+
+    Args:
+        update: a TinyLM vector ``(L_tiny, d_tiny)``, already finite (:func:`parse_update_bytes`).
+        bound: the accepted norms; ``None`` checks zeros only.
+
+    Raises:
+        ValueError: with a message that says what is wrong and what the range is.
+    """
+    if not bool(update.any()):
+        raise ValueError("the update vector is all zeros: a fine-tune that learned nothing, which would only "
+                         "dilute the round's aggregate; check that the fine-tune moved the LoRA weights")
+    if bound is None:
+        return
+    norm = float(update.norm())
+    if not bound.low <= norm <= bound.high:
+        raise ValueError(f"the update's L2 norm {norm:.4g} is outside [{bound.low:.4g}, {bound.high:.4g}], the "
+                         f"shadow corpus' range [{bound.min_norm:.4g}, {bound.max_norm:.4g}] widened {bound.factor:g}x; "
+                         f"only a round with rule {' or '.join(ROBUST_RULES)} and accept_outliers takes it")
+
+
+def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> Path:
+    """Write the norms of the corpus' TinyLM updates beside a translator checkpoint.
+
+    Args:
+        checkpoint_dir: the translator checkpoint directory; gets :data:`NORM_BOUND_FILE`.
+        vectors: the corpus' raw TinyLM updates ``(N, L_tiny, d_tiny)`` (before normalizing).
+        fingerprint: their TinyLM layout fingerprint, recorded and checked by :func:`load_norm_bound`.
+
+    Returns:
+        The file's path.
+
+    Raises:
+        ValueError: no vectors, non-finite values, or a zero vector among them.
+    """
+    if vectors.dim() != 3 or vectors.shape[0] == 0:
+        raise ValueError(f"vectors must be (N >= 1, L_tiny, d_tiny), got {tuple(vectors.shape)}")
+    norms = vectors.detach().double().flatten(1).norm(dim=1)  # (N,)
+    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
+        raise ValueError("the corpus' TinyLM vectors must be finite and non-zero to bound the input norms")
+    q = torch.quantile(norms, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
+    data = {"format": NORM_BOUND_FORMAT, "fingerprint": fingerprint, "n_vectors": int(norms.numel()),
+            "min_norm": float(norms.min()), "max_norm": float(norms.max()), "p01_norm": q[0], "median_norm": q[1],
+            "p99_norm": q[2]}
+    path = Path(checkpoint_dir) / NORM_BOUND_FILE
+    _write_json(path, data)
+    return path
+
+
+def load_norm_bound(checkpoint_dir: str | Path, factor: float = DEFAULT_OUTLIER_FACTOR,
+                    fingerprint: str | None = None) -> NormBound | None:
+    """The bound stored beside a translator checkpoint, or ``None`` when it has none (logged).
+
+    Args:
+        checkpoint_dir: the translator checkpoint directory.
+        factor: how far outside the corpus' range a norm may be.
+        fingerprint: the card's TinyLM layout fingerprint; a file for another layout is refused.
+
+    Raises:
+        ValueError: a file that is not a norm bound, or one for another layout.
+    """
+    path = Path(checkpoint_dir) / NORM_BOUND_FILE
+    if not path.is_file():
+        logger.warning("no %s beside the translator checkpoint: the input norm bound is off", path)
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not JSON") from None
+    if not isinstance(data, dict) or data.get("format") != NORM_BOUND_FORMAT:
+        raise ValueError(f"{path} is not a gt-ray input norm file (format {NORM_BOUND_FORMAT!r})")
+    if fingerprint is not None and data.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(f"{path} was written for TinyLM layout {data['fingerprint']!r}, not the card's {fingerprint!r}")
+    bound = NormBound(data["min_norm"], data["max_norm"], factor)
+    logger.info("input norm bound [%.4g, %.4g] (corpus [%.4g, %.4g] x%g)", bound.low, bound.high, bound.min_norm,
+                bound.max_norm, factor)
+    return bound
 
 
 # ----------------------------------------------------------------------------- the round's update
@@ -602,13 +738,16 @@ class RoundStore:
     Args:
         state_dir: created if missing.
         card: the pair card; a directory written for another card is refused.
+        norm_bound: the norms a submission may have (see :func:`load_norm_bound`); ``None``
+            checks only that it is not all zeros.
 
     Raises:
         ValueError: if ``state_dir`` belongs to another card or is not a round store.
     """
 
-    def __init__(self, state_dir: str | Path, card: PairCard) -> None:
+    def __init__(self, state_dir: str | Path, card: PairCard, norm_bound: NormBound | None = None) -> None:
         self.root = Path(state_dir).expanduser().resolve()
+        self.norm_bound = norm_bound
         self.card_id = card.card_id
         self.tiny_fingerprint, self.tiny_shape = card.tiny.layout_fingerprint, (card.tiny.n_layers, card.tiny.d_layer)
         self.llm_fingerprint, self.llm_shape = card.llm.layout_fingerprint, (card.llm.n_layers, card.llm.d_layer)
@@ -715,17 +854,19 @@ class RoundStore:
 
         Raises:
             UnknownRoundError: no such round.
-            ValueError: an invalid vector, id or ``n_examples``, or metadata naming another
-                organization, round or example count.
+            ValueError: an invalid vector, id or ``n_examples``, metadata naming another
+                organization, round or example count, an all-zero vector, or a norm outside
+                the store's bound in a round that does not accept outliers.
             OrgNotExpectedError: the round does not list this organization.
             RoundConflictError: the round is closed, the key was used for other bytes, or
                 the organization already submitted other bytes.
         """
-        self._read(round_id)  # unknown round first: 404 before any validation
+        spec = self._read(round_id).spec  # unknown round first: 404 before any validation
         check_id("org_id", org_id)
         if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
             raise ValueError(f"n_examples must be an integer >= 1, got {n_examples!r}")
-        _, meta = parse_update_bytes(blob, self.tiny_fingerprint, self.tiny_shape)
+        tensor, meta = parse_update_bytes(blob, self.tiny_fingerprint, self.tiny_shape)
+        check_update_content(tensor, None if spec.accept_outliers else self.norm_bound)
         for key, expected in (("org_id", org_id), ("round_id", round_id), ("n_examples", n_examples)):
             if meta.get(key) is not None and meta[key] != expected:
                 raise ValueError(f"the vector's metadata says {key}={meta[key]!r}, the request {expected!r}")

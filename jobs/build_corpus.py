@@ -3,6 +3,9 @@
     gt-ray corpus build --config configs/tiny.yaml [--address ray://...]
     gt-ray corpus stats --config configs/tiny.yaml
 
+The corpus directory (``corpus.storage_path``, default ``{work_dir}/corpus``) and Ray's
+results (``{work_dir}/ray_results``) may be URIs (``s3://``, ``gs://``): see gt_ray.storage.
+
 Each worker takes shadow subsets ``rank, rank + world, ...``, fine-tunes the TinyLM and
 the LLM from the pair card's LoRA init on each, and writes one Parquet shard per subset.
 Shards appear only complete, so a rerun (or Ray Train's restart after a worker dies)
@@ -15,15 +18,14 @@ import dataclasses
 import json
 import threading
 import time
-from pathlib import Path
-
 import torch
 
+from gt_ray import storage
 from gt_ray.config import ExperimentConfig, from_dict
 from gt_ray.corpus import (Corpus, completed_subsets, corpus_schema, corpus_stats, finetune_pair, plan_subsets,
                            subset_config, write_manifest, write_shard)
 from gt_ray.models import PairCard, load_card_side
-from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir
+from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
 from jobs.prepare_pair import load_or_prepare_card
 
 
@@ -38,7 +40,7 @@ def corpus_worker(config: dict) -> None:
     cfg: ExperimentConfig = from_dict(ExperimentConfig, config["experiment"])
     card = PairCard.load(config["card_path"])
     torch.set_num_threads(max(1, int(cfg.corpus.cpus_per_worker)))
-    out = Path(config["out_dir"])
+    out = config["out_dir"]
     todo = [s for s in plan_subsets(cfg, cfg.corpus.n_subsets, cfg.corpus.seed)
             if s.subset_id % world == rank and s.subset_id not in completed_subsets(out)]
     if todo:
@@ -61,9 +63,12 @@ def corpus_worker(config: dict) -> None:
 
 def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> dict:
     """Run the Ray Train job until every subset has a shard, then write the manifest."""
-    out = Path(cfg.corpus_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    card_path = card.save(out / "pair_card.json")
+    out = storage.absolute(cfg.corpus_dir)
+    try:
+        storage.makedirs(out)
+    except (ValueError, OSError) as e:
+        raise UserError(f"corpus directory {out}: {e}") from None
+    card_path = card.save(storage.join(out, "pair_card.json"))
     n = cfg.corpus.n_subsets
     before = len(completed_subsets(out) & set(range(n)))
     if before < n:
@@ -71,13 +76,15 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
+        storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
+
         resources = {"CPU": cfg.corpus.cpus_per_worker, **({"GPU": 1} if cfg.corpus.use_gpu else {})}
         trainer = TorchTrainer(
             corpus_worker,
             train_loop_config={"experiment": dataclasses.asdict(cfg), "card_path": str(card_path), "out_dir": str(out)},
             scaling_config=ScalingConfig(num_workers=cfg.corpus.num_workers, use_gpu=cfg.corpus.use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=f"corpus-{card.card_id}", storage_path=str((work_dir(cfg) / "ray_results").resolve()),
+            run_config=RunConfig(name=f"corpus-{card.card_id}", storage_path=storage_path, storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=cfg.corpus.max_failures)),
         )
         stop = threading.Event()
@@ -96,7 +103,7 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
     return manifest
 
 
-def _progress(out: Path, total: int, before: int, rows_per_subset: int, stop: threading.Event, every: float = 10.0) -> None:
+def _progress(out: str, total: int, before: int, rows_per_subset: int, stop: threading.Event, every: float = 10.0) -> None:
     t0 = time.time()
     while not stop.wait(every):
         done = len(completed_subsets(out) & set(range(total)))

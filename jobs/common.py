@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gt_ray import storage
 from gt_ray.config import ExperimentConfig, load_yaml
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -33,9 +34,35 @@ def load_config(path: str) -> ExperimentConfig:
 
 
 def work_dir(cfg: ExperimentConfig) -> Path:
-    p = Path(cfg.work_dir)
+    """The local work directory, created if missing.
+
+    Raises:
+        UserError: if ``work_dir`` is a remote URI: the stages that call this write local
+            files only (the corpus, the sweep and Ray's results use :func:`work_location`).
+    """
+    if not storage.is_local(cfg.work_dir):
+        raise UserError(f"work_dir {cfg.work_dir} is remote, but this stage writes local files only: "
+                        "use a local work_dir and put the corpus at corpus.storage_path")
+    p = Path(cfg.work_dir) if not storage.is_uri(cfg.work_dir) else storage.local_path(cfg.work_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def work_location(cfg: ExperimentConfig, *names: str) -> str:
+    """``{work_dir}/name/...`` as an absolute path or a URI (``work_dir`` may be either)."""
+    return storage.join(storage.absolute(cfg.work_dir), *names)
+
+
+def ray_storage(location: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for a Ray ``RunConfig`` from a path or URI.
+
+    Raises:
+        UserError: if the URI's filesystem cannot be set up (unknown scheme, no credentials).
+    """
+    try:
+        return storage.ray_storage(location)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

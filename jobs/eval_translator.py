@@ -26,7 +26,7 @@ from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap, vector_metr
 from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus
 from gt_ray.evaluate import score_update
-from gt_ray.models import PairCard, load_card_side
+from gt_ray.models import load_card_side
 from jobs.common import kv, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator, subset_split
 
@@ -52,7 +52,7 @@ def held_out(cfg: ExperimentConfig, corpus: Corpus, n_test: int = N_TEST):
         card's LLM, its LoRA scale alpha / r, test subset ids, whether each test subset's
         combination is taught by some training subset)
     """
-    card = PairCard.load(corpus.directory / "pair_card.json")
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
     train_ids, _, test_ids = subset_split(cfg, corpus)
     tr = corpus.load(train_ids)
     te_final = final_rows(corpus.load(test_ids))

@@ -35,7 +35,7 @@ from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
-from gt_ray.models import PairCard, load_card_side
+from gt_ray.models import load_card_side
 from jobs.common import base_parser, kv, load_config, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator
 
@@ -57,7 +57,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     torch.set_num_threads(2)
     corpus, translator = load_corpus_and_translator(cfg)
     translate = translate or translator.translate
-    card = PairCard.load(corpus.directory / "pair_card.json")
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
     from jobs.train_translator import subset_split
 

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gt_ray import tasks
+from gt_ray import storage, tasks
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
-from gt_ray.models import COMPLETE_MARKER, PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card, prepare_model
-from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, write_json
+from gt_ray.models import (COMPLETE_MARKER, PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card,
+                           prepare_model, recipe_of)
+from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, work_location, write_json
 
 CARD_FILE = "pair_card.json"
 REPORT_FILE = "pair_report.json"
@@ -51,23 +52,24 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
             paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names)
             if spec.registry is not None:
                 kv(stage="fetch", model=side, registry=spec.registry, seconds=round(time.time() - t0, 1), path=paths[side])
-    card = make_pair_card(cfg.pair, paths["tiny"], paths["llm"])
-    card.save(work_dir(cfg) / CARD_FILE)
-    kv(stage="pair", card=work_dir(cfg) / CARD_FILE, card_id=card.card_id,
+    card = make_pair_card(cfg.pair, paths["tiny"], paths["llm"], recipe=recipe_of(cfg))
+    card_path = card.save(work_location(cfg, CARD_FILE))  # work_dir may be a URI
+    kv(stage="pair", card=card_path, card_id=card.card_id,
        tiny_layout=f"{card.tiny.n_layers}x{card.tiny.d_layer}", llm_layout=f"{card.llm.n_layers}x{card.llm.d_layer}")
     return card
 
 
 def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
     """The pair card of ``cfg``, preparing the pair if the card is missing or stale."""
-    path = work_dir(cfg) / CARD_FILE
-    if path.is_file():
+    path = work_location(cfg, CARD_FILE)
+    if storage.is_file(path):
         card = PairCard.load(path)
         def current(spec, side_card) -> bool:
             want = cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names)
             return (want is None or Path(side_card.path) == want.resolve()) and Path(side_card.path).is_dir()
 
-        if current(cfg.pair.tiny, card.tiny) and current(cfg.pair.llm, card.llm):
+        recipe_current = card.recipe is None or card.recipe == recipe_of(cfg)  # None: a card from before recipes
+        if current(cfg.pair.tiny, card.tiny) and current(cfg.pair.llm, card.llm) and recipe_current:
             return card
     return prepare(cfg)
 

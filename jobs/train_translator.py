@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import yaml
 
+from gt_ray import storage
 from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus, split_by_subset
 from gt_ray.translator import CONFIG_FILENAME, TrainConfig, TranslatorConfig, save_translator, train_translator
-from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir, write_json
+from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir, work_location, write_json
 
 BEST_CONFIG_FILE = "translator_best.yaml"
 HISTORY_FILE = "history.json"
@@ -53,10 +54,10 @@ def load_corpus_and_translator(cfg: ExperimentConfig):
 def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
     """The model and train config: config values, overridden by the sweep's best YAML."""
     model, train = dict(cfg.translator.model), dataclasses.asdict(cfg.translator.train)
-    best_path = Path(cfg.translator.best_config) if cfg.translator.best_config else work_dir(cfg) / BEST_CONFIG_FILE
+    best_path = cfg.translator.best_config or work_location(cfg, BEST_CONFIG_FILE)  # a path or a URI
     source = "config"
-    if best_path.is_file():
-        best = yaml.safe_load(best_path.read_text()) or {}
+    if storage.is_file(best_path):
+        best = yaml.safe_load(storage.read_text(best_path)) or {}
         model.update(best.get("model", {}))
         train.update(best.get("train", {}))
         source = str(best_path)
@@ -90,9 +91,9 @@ def function_objective(corpus: Corpus, train_ids: list[int], val_ids: list[int],
     """The card's LLM, frozen, with the training and validation subsets' examples."""
     from gt_ray.config import LoraSpec
     from gt_ray.function_loss import shadow_objective
-    from gt_ray.models import PairCard, load_card_side
+    from gt_ray.models import load_card_side
 
-    card = PairCard.load(corpus.directory / "pair_card.json")
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
     llm = load_card_side(card, "llm")
     llm.model.to(device)
     lora = LoraSpec(**card.lora)
@@ -167,7 +168,7 @@ def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False
     t0 = time.time()
     trainer = TorchTrainer(
         translator_worker,
-        train_loop_config={"experiment": dataclasses.asdict(cfg), "corpus_dir": str(Path(cfg.corpus_dir).resolve()),
+        train_loop_config={"experiment": dataclasses.asdict(cfg), "corpus_dir": storage.absolute(cfg.corpus_dir),
                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "out_dir": str(out.resolve()),
                            "key": key, "extra": extra},
         scaling_config=ScalingConfig(num_workers=cfg.translator.num_workers, use_gpu=cfg.translator.use_gpu),

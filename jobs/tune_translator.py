@@ -3,9 +3,12 @@
     gt-ray translator tune --config configs/tiny.yaml
 
 Learning rate (log scale), width, depth, dropout and batch size; trials are named by the
-hash of their config (so a run can be restored), at most ``max_concurrent_trials`` at once
-and never more than the cluster's CPUs. The best config goes to
-``{work_dir}/translator_best.yaml``, which ``gt-ray translator train`` reads.
+hash of their config (so a run can be restored). Each trial reserves ``sweep.cpus_per_trial``
+CPUs and ``sweep.gpus_per_trial`` GPUs (a fraction shares a GPU) and trains on its GPU when it
+has one; ``sweep.max_concurrent_trials`` run at once, whatever the cluster holds at start
+(an autoscaling cluster grows to fit them). The best config goes to
+``{work_dir}/translator_best.yaml`` and Ray's results to ``{work_dir}/ray_results``
+(``work_dir`` may be a URI such as ``s3://bucket/run``), which ``gt-ray translator train`` reads.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import torch
 import yaml
 
-from gt_ray.config import ExperimentConfig, config_hash, from_dict
+from gt_ray import storage
+from gt_ray.config import ExperimentConfig, SweepConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus
 from gt_ray.translator import TrainConfig, TranslatorConfig
-from jobs.common import UserError, init_ray, kv, work_dir
+from jobs.common import UserError, init_ray, kv, ray_storage, work_location
 from jobs.train_translator import BEST_CONFIG_FILE, fit, load_split, resolve_settings
 
 SEARCH_KEYS = ("lr", "d_model", "num_layers", "dropout", "batch_size")
@@ -31,13 +34,32 @@ def trial_name(trial) -> str:
     return "trial-" + config_hash({k: trial.config[k] for k in SEARCH_KEYS}, n=10)
 
 
+def trial_resources(sw: SweepConfig) -> dict[str, float]:
+    """What one trial reserves, for ``tune.with_resources``."""
+    return {"cpu": sw.cpus_per_trial, **({"gpu": sw.gpus_per_trial} if sw.gpus_per_trial else {})}
+
+
+def trial_device(sw: SweepConfig) -> torch.device:
+    """The trial's device: Ray shows a trial only its own GPUs (CUDA_VISIBLE_DEVICES), so
+    ``cuda`` is the trial's GPU; a trial without GPUs trains on the CPU.
+
+    Raises:
+        RuntimeError: if the trial reserved a GPU but torch sees none (a CPU-only torch).
+    """
+    if not sw.gpus_per_trial:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"sweep.gpus_per_trial={sw.gpus_per_trial} but torch sees no GPU in this trial")
+    return torch.device("cuda")
+
+
 def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict, base_train: dict) -> None:
     """One Tune trial: train a translator with the trial's hyperparameters, report val_loss
     (the validation subsets' answer NLL with the decoded update) per epoch."""
     from ray import tune
 
-    torch.set_num_threads(1)
     cfg: ExperimentConfig = from_dict(ExperimentConfig, experiment)
+    torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
     corpus = Corpus(corpus_dir, verify=False)
     tr, va, train_ids, val_ids = load_split(cfg, corpus)
     model = {**base_model, "d_model": config["d_model"], "num_layers": config["num_layers"], "dropout": config["dropout"]}
@@ -51,49 +73,49 @@ def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict
         tune.report({"val_loss": val_loss if math.isfinite(val_loss) else 1e9, "train_loss": train_loss, "epoch": epoch})
         return False
 
-    fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch)
+    fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch, device=trial_device(cfg.sweep))
 
 
-def tune(cfg: ExperimentConfig, address: str | None = None) -> Path:
+def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     """Run the sweep and write the best config YAML."""
     try:
         corpus = Corpus(cfg.corpus_dir)
     except ValueError as e:
         raise UserError(str(e)) from None
     model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
-    ray = init_ray(address)  # before any other ray import: it fixes the local cluster's environment
+    storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
+    init_ray(address)  # before any other ray import: it fixes the local cluster's environment
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
     sw = cfg.sweep
-    concurrent = max(1, min(sw.max_concurrent_trials, int(ray.cluster_resources().get("CPU", 1))))
     space = {"lr": rtune.loguniform(sw.lr[0], sw.lr[1]), "d_model": rtune.choice(sw.d_model),
              "num_layers": rtune.choice(sw.num_layers), "dropout": rtune.choice(sw.dropout),
              "batch_size": rtune.choice(sw.batch_size)}
     trainable = rtune.with_resources(
-        rtune.with_parameters(tune_trial, experiment=dataclasses.asdict(cfg), corpus_dir=str(Path(cfg.corpus_dir).resolve()),
+        rtune.with_parameters(tune_trial, experiment=dataclasses.asdict(cfg), corpus_dir=storage.absolute(cfg.corpus_dir),
                               base_model=model_cfg.to_dict(), base_train=train_cfg.to_dict()),
-        {"cpu": 1})
+        trial_resources(sw))
     name = "sweep-" + config_hash({"sweep": dataclasses.asdict(sw), "card": corpus.card_id, "n": len(corpus.subset_ids)}, n=10)
     tuner = rtune.Tuner(
         trainable, param_space=space,
         tune_config=rtune.TuneConfig(metric="val_loss", mode="min", num_samples=sw.num_samples,
-                                     max_concurrent_trials=concurrent, trial_name_creator=trial_name,
+                                     max_concurrent_trials=sw.max_concurrent_trials, trial_name_creator=trial_name,
                                      trial_dirname_creator=trial_name,
                                      scheduler=ASHAScheduler(max_t=sw.max_epochs, grace_period=sw.grace_period),
                                      search_alg=None),
-        run_config=rtune.RunConfig(name=name, storage_path=str((work_dir(cfg) / "ray_results").resolve()), verbose=1),
+        run_config=rtune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1),
     )
     t0 = time.time()
     results = tuner.fit()
     best = results.get_best_result(metric="val_loss", mode="min", scope="all")
     c = best.config
-    out = work_dir(cfg) / BEST_CONFIG_FILE
+    out = work_location(cfg, BEST_CONFIG_FILE)
     best_doc = {"model": {"d_model": c["d_model"], "num_layers": c["num_layers"], "dropout": c["dropout"]},
                 "train": {"lr": float(c["lr"]), "batch_size": c["batch_size"]}}
     header = (f"# Written by `gt-ray translator tune` ({name}); read by `gt-ray translator train`.\n"
               f"# best val_loss={best.metrics['val_loss']:.5f} over {len(results)} trials\n")
-    out.write_text(header + yaml.safe_dump(best_doc, sort_keys=True))
+    storage.write_text(out, header + yaml.safe_dump(best_doc, sort_keys=True))
     rows = sorted(((r.metrics or {}).get("val_loss", float("nan")), r.config) for r in results if r.metrics)
     for loss, conf in rows:
         kv(stage="sweep", val_loss=loss, **{k: conf[k] for k in SEARCH_KEYS})

@@ -7,28 +7,35 @@
 Two deployments, one role each:
 
 - ``Translator`` loads the translator checkpoint once (its fingerprints checked against the
-  pair card) and translates with ``@serve.batch``; the batch size and wait are its
-  ``user_config``, applied in place by ``reconfigure``. It counts the batches it forms
-  (``GET /v1/stats``).
+  pair card) and translates batches ``(B, L_tiny, d_tiny)``. The batch size and wait are
+  its ``user_config``, applied in place by ``reconfigure``. It counts the batches it
+  translates (``GET /v1/stats``).
 - ``Aggregator`` is the FastAPI ingress: bearer-token auth, body-size limit, request
   validation, and the rounds of :mod:`gt_ray.rounds` on the state directory (one replica:
   the state directory is local to it). It loads the card's LLM lazily, to export adapters.
+  ``/v1/translate`` requests are batched here, with ``@serve.batch`` set to the
+  Translator's current settings (adopted from its answers), so one batch costs one
+  Translator call: the per-request hop was most of a request's cost
+  (``benchmarks/bench_serve.py``).
 
 Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``)::
 
     GET  /healthz                              liveness, no auth
     GET  /readyz                               the Translator answers, the state dir is writable
     POST /v1/rounds                            admin: open a round (CreateRoundRequest)
-    GET  /v1/rounds/{round_id}                 status (admin: every org; an org: its receipt)
+    GET  /v1/rounds/{round_id}                 status (admin: every org; an org: its receipt and counts)
     POST /v1/rounds/{round_id}/submissions     an org: submit its TinyLM vector (gt_ray.org API)
     POST /v1/rounds/{round_id}/close           admin: aggregate, translate, export the adapter
     GET  /v1/rounds/{round_id}/adapter         admin or a submitting org: the PEFT adapter zip
-    POST /v1/translate                         any token: translate one vector, no round
+    POST /v1/translate                         any token: translate one vector, no round (JSON with
+                                               base64, or the safetensors file as application/octet-stream)
     GET  /v1/stats                             admin: the Translator's batch sizes
 
 Errors are ``{"detail": message}``: 401 bad/missing token, 403 wrong org or not admin,
 404 unknown round, 409 conflict (slot taken, key reused, closed, quorum not met), 413 body
-too large, 422 invalid request or vector. A client mistake never gives a 500.
+too large, 415 a translate body neither JSON nor octet-stream, 422 invalid request or
+vector (also an all-zero one, or one whose norm is far outside the shadow corpus' range:
+``gt_ray.rounds.check_update_content``). A client mistake never gives a 500.
 
 Tokens: the tokens file is ``{"admin": TOKEN, "orgs": {ORG_ID: TOKEN, ...}}``; tokens are
 at least 16 printable characters, all different; only their sha256 is kept in memory and
@@ -59,13 +66,15 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gt_ray.models import LoadedModel, PairCard, load_card_side
 from gt_ray.org import HEADER_VALUE, check_id
 from gt_ray.rounds import (OrgNotExpectedError, RoundConflictError, RoundSpec, RoundState, RoundStore,
-                           UnknownRoundError, parse_update_bytes, update_to_bytes)
+                           UnknownRoundError, check_update_content, load_norm_bound, parse_update_bytes,
+                           update_to_bytes)
 from gt_ray.translator import load_translator
 from serve.schemas import (AdapterInfo, BatchSettings, CreateRoundRequest, ErrorBody, Health, ProviderArgs,
                            Readiness, Receipt, RoundResult, RoundStatus, SubmissionRequest, TranslateRequest,
@@ -78,6 +87,11 @@ MIN_TOKEN_CHARS = 16
 CLOSE_TIMEOUT_S = 600.0
 """Longest a round's translation may take inside ``close``."""
 ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422)}
+OCTET_STREAM = "application/octet-stream"
+TRANSLATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": TranslateRequest.model_json_schema()},
+    OCTET_STREAM: {"schema": {"type": "string", "format": "binary",
+                              "description": "the TinyLM update-vector safetensors file itself"}}}}}
 
 
 # ----------------------------------------------------------------------------- auth
@@ -228,6 +242,9 @@ class Translator:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``{"max_batch_size": B, "batch_wait_timeout_s": T}`` in place (``user_config``).
 
+        The ingress forms the batches (one hop per batch, not per request) and adopts these
+        settings from every answer of :meth:`translate_stack` and :meth:`stats`.
+
         Raises:
             ValueError: bad values, or a batch size above ``max_ongoing_requests``.
         """
@@ -235,31 +252,24 @@ class Translator:
         if settings.max_batch_size > self.max_ongoing_requests:
             raise ValueError(f"max_batch_size {settings.max_batch_size} exceeds this deployment's "
                              f"max_ongoing_requests {self.max_ongoing_requests}: batches could never fill")
-        self.translate.set_max_batch_size(settings.max_batch_size)
-        self.translate.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.settings = settings
         logger.info("batching: max_batch_size=%d batch_wait_timeout_s=%g", settings.max_batch_size,
                     settings.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=BatchSettings().max_batch_size,
-                 batch_wait_timeout_s=BatchSettings().batch_wait_timeout_s)
-    async def translate(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One TinyLM vector ``(L_tiny, d_tiny)`` per call -> its LLM vector ``(L_llm, d_llm)``."""
-        self.batch_sizes[len(xs)] += 1
-        t0 = time.perf_counter()
-        # On the replica's user event loop, not in a thread: the forward pass is Python-heavy,
-        # and a thread would fight the loop for the GIL while it queues the next requests.
-        # Requests arriving meanwhile wait and form the next batch.
-        y = self.model.translate(torch.stack(xs))  # (B, L_llm, d_llm)
-        self.busy_s += time.perf_counter() - t0
-        return list(y)
+    async def translate_stack(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A batch ``(B, L_tiny, d_tiny)`` -> ``((B, L_llm, d_llm), batch settings)``.
 
-    async def translate_stack(self, x: torch.Tensor) -> torch.Tensor:
-        """Already a batch ``(B, L_tiny, d_tiny)`` -> ``(B, L_llm, d_llm)`` (a round's vectors)."""
-        return await asyncio.to_thread(self.model.translate, x)
+        On the replica's user event loop, not in a thread: the forward pass is Python-heavy
+        and a thread would only fight the loop for the GIL; calls arriving meanwhile wait.
+        """
+        self.batch_sizes[x.shape[0]] += 1
+        t0 = time.perf_counter()
+        y = self.model.translate(x)  # (B, L_llm, d_llm)
+        self.busy_s += time.perf_counter() - t0
+        return y, self.settings.model_dump()
 
     def stats(self) -> dict[str, Any]:
-        """The batches formed since the replica started, and the current settings."""
+        """The batches translated since the replica started, and the current settings."""
         return {"batches": sum(self.batch_sizes.values()),
                 "requests": sum(k * v for k, v in self.batch_sizes.items()),
                 "max_batch_seen": max(self.batch_sizes, default=0),
@@ -285,6 +295,15 @@ def http_errors(invalid_input: bool = True) -> Iterator[None]:
         if not invalid_input:
             raise
         raise HTTPException(422, " ".join(str(e).split())[:1000]) from None
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """A JSON body validated by ``model``; 422 with one line per error, as FastAPI's own bodies get."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        parts = [f"{'.'.join(['body', *map(str, err['loc'])])}: {err['msg']}" for err in e.errors()]
+        raise HTTPException(422, "; ".join(parts)[:1000]) from None
 
 
 def decode_vector(text: str) -> bytes:
@@ -313,8 +332,12 @@ class Aggregator:
         self.args = ProviderArgs.model_validate(args)
         self.card = PairCard.load(self.args.card)
         self.tokens = TokenTable.from_file(self.args.tokens)
-        self.store = RoundStore(self.args.state_dir, self.card)
+        bound = None if self.args.outlier_factor is None else load_norm_bound(
+            self.args.checkpoint, self.args.outlier_factor, self.card.tiny.layout_fingerprint)
+        self.store = RoundStore(self.args.state_dir, self.card, bound)
         self.translator = translator
+        self.batch_settings = BatchSettings()
+        self._adopt(self.args.batch_settings())  # the Translator's initial user_config; its answers update it
         self._llm: LoadedModel | None = None
         self._llm_lock = threading.Lock()  # export writes the LLM's LoRA weights: one at a time
         logger.info("provider ready: card %s, %d rounds in %s", self.card.card_id, len(self.store.round_ids()),
@@ -347,23 +370,37 @@ class Aggregator:
                                               idempotency_key)
         return Receipt(**receipt.to_dict())
 
-    async def translate(self, body: TranslateRequest) -> TranslateResponse:
-        """Validate one TinyLM vector, translate it through the batched path, return the LLM file."""
-        blob = decode_vector(body.vector_b64)
+    def _adopt(self, settings: dict[str, Any]) -> None:
+        """Batch with the Translator's current ``user_config`` (it changes in place)."""
+        settings = BatchSettings.model_validate(settings)
+        if settings != self.batch_settings:
+            self.translate_batch.set_max_batch_size(settings.max_batch_size)
+            self.translate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+            self.batch_settings = settings
+
+    @serve.batch(max_batch_size=BatchSettings().max_batch_size,
+                 batch_wait_timeout_s=BatchSettings().batch_wait_timeout_s)
+    async def translate_batch(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One TinyLM vector ``(L_tiny, d_tiny)`` per call -> its LLM vector; one Translator call per batch."""
+        y, settings = await self.translator.translate_stack.remote(torch.stack(xs))  # (B, L_llm, d_llm)
+        self._adopt(settings)
+        return list(y)
+
+    async def translate(self, blob: bytes) -> tuple[bytes, torch.Tensor, str]:
+        """Validate one TinyLM vector file, translate it in a batch; ``(LLM file bytes, vector, source sha256)``."""
         with http_errors():
             x, _ = parse_update_bytes(blob, self.card.tiny.layout_fingerprint,
                                       (self.card.tiny.n_layers, self.card.tiny.d_layer))
-        y = await self.translator.translate.remote(x)  # (L_llm, d_llm), batched with other requests
+            check_update_content(x, self.store.norm_bound)
+        y = await self.translate_batch(x)  # (L_llm, d_llm), batched with other requests
         source = hashlib.sha256(blob).hexdigest()
         out = update_to_bytes(y, self.card.llm.layout_fingerprint,
                               {"model_side": "llm", "card_id": self.card.card_id, "source_sha256": source})
-        return TranslateResponse(vector_b64=base64.b64encode(out).decode("ascii"),
-                                 fingerprint=self.card.llm.layout_fingerprint, shape=list(y.shape),
-                                 sha256=hashlib.sha256(out).hexdigest(), source_sha256=source)
+        return out, y, source
 
     def _translate_blocking(self, x: torch.Tensor) -> torch.Tensor:
         # Runs in a worker thread (store.close is blocking), never on the event loop.
-        return self.translator.translate_stack.remote(x).result(timeout_s=CLOSE_TIMEOUT_S)
+        return self.translator.translate_stack.remote(x).result(timeout_s=CLOSE_TIMEOUT_S)[0]
 
     def _close_and_export(self, round_id: str) -> RoundState:
         self.store.close(round_id, self._translate_blocking)
@@ -383,6 +420,14 @@ class Aggregator:
         with http_errors():
             return await asyncio.to_thread(self.store.get, round_id)
 
+    async def get_for(self, round_id: str, caller: Caller) -> RoundState:
+        """A round's state for ``caller``: 403 for an organization the round does not list."""
+        state = await self.get(round_id)
+        expected = state.spec.expected_orgs
+        if not caller.is_admin and expected is not None and caller.org_id not in expected:
+            raise HTTPException(403, f"organization {caller.org_id!r} is not expected in round {round_id!r}")
+        return state
+
     def status(self, state: RoundState, caller: Caller) -> RoundStatus:
         """A round's status as ``caller`` may see it."""
         result = None
@@ -393,8 +438,13 @@ class Aggregator:
                                  adapter=None if r["adapter"] is None else AdapterInfo(**{
                                      k: r["adapter"][k] for k in ("kind", "r", "lora_alpha", "sha256")}))
         mine = caller.org_id in state.submissions
+        spec = state.spec.to_dict()
+        if not caller.is_admin:
+            del spec["expected_orgs"]  # participants do not learn each other
+        expected = state.spec.expected_orgs
         return RoundStatus(
-            round_id=state.round_id, status=state.status, created_at=state.created_at, spec=state.spec.to_dict(),
+            round_id=state.round_id, status=state.status, created_at=state.created_at, spec=spec,
+            n_expected=None if expected is None else len(expected),
             n_submissions=len(state.submissions), min_submissions=state.spec.min_submissions,
             ready_to_close=state.ready_to_close, orgs=sorted(state.submissions) if caller.is_admin else None,
             your_receipt=Receipt(**state.receipt(caller.org_id, duplicate=False).to_dict()) if mine else None,
@@ -409,8 +459,10 @@ class Aggregator:
             return self.store.adapter_zip(round_id)
 
     async def stats(self) -> dict[str, Any]:
-        """The Translator replica's batch statistics."""
-        return await self.translator.stats.remote()
+        """The Translator replica's batch statistics (and its settings, adopted here)."""
+        stats = await self.translator.stats.remote()
+        self._adopt({k: stats[k] for k in BatchSettings.model_fields})
+        return stats
 
     async def readiness(self) -> dict[str, str]:
         """``{check: "ok" | reason}``: the Translator answers within 5 s, the state dir is writable."""
@@ -439,14 +491,15 @@ def build_api(service: Aggregator) -> FastAPI:
     api.add_middleware(BodyLimitMiddleware, max_bytes=service.args.max_body_bytes)
     bearer = HTTPBearer(auto_error=False)
 
-    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
+    # async: FastAPI runs a sync dependency in a worker thread, a hop per request
+    async def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         who = None if credentials is None else service.tokens.identify(credentials.credentials)
         if who is None:
             detail = "missing bearer token" if credentials is None else "invalid bearer token"
             raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
         return who
 
-    def admin(who: Caller = Depends(caller)) -> Caller:
+    async def admin(who: Caller = Depends(caller)) -> Caller:
         if not who.is_admin:
             raise HTTPException(403, "this needs the admin token")
         return who
@@ -481,7 +534,7 @@ def build_api(service: Aggregator) -> FastAPI:
 
     @api.get("/v1/rounds/{round_id}", response_model=RoundStatus, responses=ERRORS)
     async def get_round(round_id: str, who: Caller = Depends(caller)) -> RoundStatus:
-        return service.status(await service.get(round_id), who)
+        return service.status(await service.get_for(round_id, who), who)
 
     @api.post("/v1/rounds/{round_id}/submissions", response_model=Receipt, status_code=201, responses=ERRORS)
     async def submit(round_id: str, body: SubmissionRequest, response: Response, who: Caller = Depends(caller),
@@ -499,9 +552,24 @@ def build_api(service: Aggregator) -> FastAPI:
         path = await service.adapter(round_id, who)
         return FileResponse(path, media_type="application/zip", filename=f"{round_id}-adapter.zip")
 
-    @api.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS)
-    async def translate(body: TranslateRequest, who: Caller = Depends(caller)) -> TranslateResponse:
-        return await service.translate(body)
+    @api.post("/v1/translate", response_model=TranslateResponse, openapi_extra=TRANSLATE_BODY,
+              responses={**ERRORS, 200: {"content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+                                         "description": "JSON in, JSON out; a safetensors body in, the LLM "
+                                                        "safetensors file out (sha256s in the X-Sha256 and "
+                                                        "X-Source-Sha256 headers)"}, 415: {"model": ErrorBody}})
+    async def translate(request: Request, who: Caller = Depends(caller)) -> Response:
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind not in ("application/json", OCTET_STREAM):
+            raise HTTPException(415, f"send application/json or {OCTET_STREAM} (the safetensors file), not {kind!r}")
+        raw = await request.body()
+        blob = raw if kind == OCTET_STREAM else decode_vector(parse_body(TranslateRequest, raw).vector_b64)
+        out, y, source = await service.translate(blob)
+        sha = hashlib.sha256(out).hexdigest()
+        if kind == OCTET_STREAM:
+            return Response(out, media_type=OCTET_STREAM, headers={"X-Sha256": sha, "X-Source-Sha256": source})
+        body = TranslateResponse(vector_b64=base64.b64encode(out).decode("ascii"), shape=list(y.shape), sha256=sha,
+                                 fingerprint=service.card.llm.layout_fingerprint, source_sha256=source)
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @api.get("/v1/stats", response_model=TranslatorStats, responses=ERRORS)
     async def stats(who: Caller = Depends(admin)) -> TranslatorStats:

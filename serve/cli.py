@@ -3,7 +3,7 @@
     gt-ray serve --checkpoint runs/tiny/translator --card runs/tiny/pair_card.json \\
         --tokens runs/tiny/tokens.json --state-dir runs/tiny/serve_state \\
         [--host 127.0.0.1 --port 8000] [--max-batch-size 8 --batch-wait-timeout-s 0.01] \\
-        [--max-body-bytes N] [--address ray://... | auto] [--num-cpus 2]
+        [--max-body-bytes N] [--outlier-factor 10] [--address ray://... | auto] [--num-cpus 2] [--temp-dir D]
 
 Without ``--address`` it starts a local Ray cluster bound to loopback. This launcher is
 kept apart from ``serve/app.py`` because Ray reads its network settings when it is
@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-timeout-s", type=float)
     p.add_argument("--max-ongoing-requests", type=int)
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--outlier-factor", type=float, help="refuse vectors whose norm is this many times outside the "
+                   "corpus' range, from input_norms.json beside the checkpoint (default 10)")
     p.add_argument("--translator-threads", type=int)
     p.add_argument("--address", help="an existing Ray cluster (default: start a local one on loopback)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
+    p.add_argument("--temp-dir", help="Ray's temporary directory for the local cluster (keep it short: unix "
+                   "sockets live there; default Ray's)")
     p.add_argument("--name", default="gt-ray", help="Serve application name")
     return p
 
@@ -71,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if opts.address is None:
         ray.init(num_cpus=opts.num_cpus, object_store_memory=512 * 1024 * 1024, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", _temp_dir=opts.temp_dir)
     else:
         ray.init(address=opts.address)
     # After ray.init, which installs a fatal-signal handler: SIGTERM (what process managers

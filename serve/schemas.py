@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gt_ray.aggregate import AGGREGATION_RULES
 from gt_ray.org import ID_PATTERN
-from gt_ray.rounds import DEFAULT_MODE, ROUND_MODES, ROUND_STATUSES
+from gt_ray.rounds import DEFAULT_MODE, DEFAULT_OUTLIER_FACTOR, ROUND_MODES, ROUND_STATUSES
 from gt_ray.translator import CONFIG_FILENAME
 
 ID_REGEX = f"^{ID_PATTERN.pattern}$"
@@ -40,6 +40,11 @@ class ProviderArgs(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1)
     """Per replica, both deployments; the Translator's caps its batch size, so it must be
     at least every ``max_batch_size`` you will configure."""
+    outlier_factor: float | None = Field(DEFAULT_OUTLIER_FACTOR, ge=1)
+    """Refuse a submitted vector whose L2 norm is more than this many times outside the
+    shadow corpus' range (``input_norms.json`` beside the checkpoint; without that file the
+    bound is off, which the service logs); ``None`` turns the bound off. Rounds with a
+    robust rule may accept outliers."""
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 beyond), checked on Content-Length and on the bytes."""
     host: str = "127.0.0.1"
@@ -118,6 +123,8 @@ class CreateRoundRequest(_Request):
     """Central Gaussian noise on the clipped mean: epsilon (unit: one organization)."""
     dp_delta: float | None = Field(None, gt=0, lt=1)
     """Central Gaussian noise: delta."""
+    accept_outliers: bool = False
+    """Take vectors outside the service's norm bound; only with rule ``median`` or ``trimmed_mean``."""
 
 
 class SubmissionRequest(_Request):
@@ -191,12 +198,16 @@ class RoundResult(BaseModel):
 
 
 class RoundStatus(BaseModel):
-    """``GET /v1/rounds/{round_id}``; organizations see their own receipt, the admin every org."""
+    """``GET /v1/rounds/{round_id}``: the admin sees every organization; an organization sees
+    its own receipt and counts, never who else takes part."""
 
     round_id: str
     status: Literal[ROUND_STATUSES]
     created_at: str
     spec: dict[str, Any]
+    """The round's spec; an organization gets it without ``expected_orgs``."""
+    n_expected: int | None
+    """How many organizations the round expects (``None``: any with a token)."""
     n_submissions: int
     min_submissions: int
     ready_to_close: bool

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -8,7 +9,8 @@ from gt_ray import corpus as corpus_mod
 from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
 from gt_ray.corpus import (Corpus, CorpusDataset, ShadowSubset, completed_subsets, corpus_schema, corpus_stats,
-                           finetune_pair, plan_subsets, read_shard, split_by_subset, write_manifest, write_shard)
+                           finetune_pair, plan_subsets, read_shard, rows_to_table, split_by_subset, table_to_tensors,
+                           write_manifest, write_shard)
 from gt_ray.models import load_card_side, make_pair_card
 from tests.conftest import TASK_NAMES, tiny_spec
 
@@ -147,3 +149,42 @@ def test_stats(built):
     assert stats["n_subsets"] == 4 and stats["n_rows"] == 8 and stats["steps"] == [4, 6]
     assert len(stats["llm_layer_norm_mean"]) == 3
     assert -1 <= stats["llm_mean_cos_between_subsets"] <= 1
+
+
+def test_rows_are_numpy_and_reach_arrow_without_a_copy(built, card):
+    _, produced = built
+    rows = produced[0]
+    assert all(isinstance(r[c], np.ndarray) and r[c].dtype == np.float32 for r in rows for c in ("tiny", "llm"))
+    table = rows_to_table(rows, corpus_schema(card))
+    for i, row in enumerate(rows):  # each row's chunk is the row's own buffer
+        chunk = table.column("llm").chunk(i)
+        assert chunk.values.buffers()[1].address == row["llm"].ctypes.data
+    with pytest.raises(ValueError, match="column tiny: row 1: update vector has 5 values, the card's layout has 512"):
+        rows_to_table([rows[0], {**rows[1], "tiny": np.ones(5, dtype=np.float32)}], corpus_schema(card))
+
+
+def test_table_to_tensors_views_arrow_memory(built, card):
+    out, produced = built
+    table = read_shard(out / "shard-00001.parquet", card)
+    assert table.column("tiny").num_chunks == 1
+    t = table_to_tensors(table, (2, 256), (3, 320))
+    assert t["tiny"].data_ptr() == table.column("tiny").chunk(0).values.buffers()[1].address
+    torch.testing.assert_close(t["llm"][1].reshape(-1), torch.from_numpy(produced[1][1]["llm"]), rtol=0, atol=0)
+    assert t["step"].tolist() == [4, 6] and t["subset_id"].dtype == torch.long
+
+
+def test_load_reads_many_row_groups_and_filters(built, card, tmp_path):
+    out, produced = built
+    for i, rows in produced.items():  # one row per row group
+        write_shard(tmp_path, i, rows, corpus_schema(card), row_group_bytes=1)
+    write_manifest(tmp_path, card, {}, 4)
+    assert pq.ParquetFile(tmp_path / "shard-00002.parquet").num_row_groups == 2
+    small, ref = Corpus(tmp_path).load(subset_ids=[3, 1], steps=[6]), Corpus(out).load()
+    assert small["subset_id"].tolist() == [1, 3] and small["step"].tolist() == [6, 6]
+    sel = (ref["step"] == 6) & ((ref["subset_id"] == 1) | (ref["subset_id"] == 3))
+    for key in ("tiny", "llm", "secret_k"):
+        torch.testing.assert_close(small[key], ref[key][sel], rtol=0, atol=0)
+    empty = Corpus(tmp_path).load(subset_ids=[])
+    assert empty.keys() == ref.keys() and empty["llm"].shape == (0, 3, 320)
+    streamed = list(CorpusDataset(Corpus(tmp_path), subset_ids=[2], batch_rows=1))
+    torch.testing.assert_close(torch.stack([lm for _, lm in streamed]), ref["llm"][ref["subset_id"] == 2], rtol=0, atol=0)

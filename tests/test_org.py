@@ -272,6 +272,21 @@ def test_invalid_vector_is_never_sent(provider, vector_file, tmp_path):
     assert p.requests == []
 
 
+def test_cli_finetune_that_does_not_move_the_weights_prints_one_error_line(card_path, tmp_path, capsys):
+    # lr 1e-50 is 0 in float32: AdamW leaves every LoRA weight where it was.
+    out = tmp_path / "v.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        org.main(["finetune", "--card", str(card_path), "--data", DATA, "--out", str(out), "--steps", "2",
+                  "--batch-size", "8", "--lr", "1e-50", "--seed", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: LoRA weights did not move by step 1: the update is zero "
+        "(try a larger --lr or more --steps; nothing was written)"]
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------- CLI in subprocesses
 
 

@@ -14,8 +14,9 @@ from gt_ray.aggregate import mean_sensitivity
 from gt_ray.config import LoraSpec, PairConfig
 from gt_ray.models import load_card_side, load_model, make_pair_card
 from gt_ray.privacy import analytic_gaussian_sigma
-from gt_ray.rounds import (ADAPTER_ZIP, DEFAULT_MODE, ROUND_FILE, OrgNotExpectedError, RoundConflictError, RoundSpec,
-                           RoundStore, UnknownRoundError, compute_round_update, parse_update_bytes, update_to_bytes)
+from gt_ray.rounds import (ADAPTER_ZIP, DEFAULT_MODE, NORM_BOUND_FILE, ROUND_FILE, NormBound, OrgNotExpectedError,
+                           RoundConflictError, RoundSpec, RoundStore, UnknownRoundError, compute_round_update,
+                           load_norm_bound, parse_update_bytes, update_to_bytes, write_norm_bound)
 from gt_ray.updates import UPDATE_FORMAT, apply_update, split_factors
 from tests.conftest import tiny_spec
 
@@ -84,6 +85,9 @@ def test_default_mode_is_aggregate_then_translate():
     ({"dp_epsilon": 1.0}, "dp_epsilon and dp_delta go together"),
     ({"dp_epsilon": 1.0, "dp_delta": 1e-5}, "central DP noise needs clip_norm"),
     ({"dp_epsilon": 1.0, "dp_delta": 1e-5, "clip_norm": 1.0, "rule": "median"}, "central DP noise needs clip_norm"),
+    ({"accept_outliers": True}, "accept_outliers needs a robust rule"),
+    ({"accept_outliers": True, "rule": "weighted_mean"}, "accept_outliers needs a robust rule"),
+    ({"accept_outliers": True, "rule": "trimmed_mean", "trim_fraction": 0.0}, "needs trim_fraction > 0"),
 ])
 def test_spec_refuses_bad_combinations(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -133,6 +137,43 @@ def test_parse_update_bytes_reads_what_update_to_bytes_wrote(card):
                                    card.tiny.layout_fingerprint, tiny_shape(card))
     torch.testing.assert_close(got, t, rtol=0, atol=0)
     assert meta == {"n_examples": 5, "fingerprint": card.tiny.layout_fingerprint}
+
+
+def test_norm_bound_round_trips_beside_the_checkpoint(card, tmp_path):
+    assert load_norm_bound(tmp_path) is None  # no file: the bound is off, the service still starts
+    vectors = torch.randn(20, *tiny_shape(card), generator=torch.Generator().manual_seed(0)) * 0.01
+    path = write_norm_bound(tmp_path, vectors, card.tiny.layout_fingerprint)
+    assert path == tmp_path / NORM_BOUND_FILE
+    norms = vectors.flatten(1).norm(dim=1)
+    bound = load_norm_bound(tmp_path, 4.0, card.tiny.layout_fingerprint)
+    assert bound.factor == 4.0
+    assert bound.low == pytest.approx(float(norms.min()) / 4) and bound.high == pytest.approx(float(norms.max()) * 4)
+    with pytest.raises(ValueError, match="was written for TinyLM layout"):
+        load_norm_bound(tmp_path, 4.0, "f" * 64)
+    with pytest.raises(ValueError, match="must be finite and non-zero"):
+        write_norm_bound(tmp_path, torch.zeros(3, *tiny_shape(card)))
+    (tmp_path / NORM_BOUND_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="not a gt-ray input norm file"):
+        load_norm_bound(tmp_path)
+
+
+def test_zero_and_out_of_range_vectors_are_refused_unless_a_robust_round_accepts_outliers(card, tmp_path):
+    typical = float(torch.randn(*tiny_shape(card), generator=torch.Generator().manual_seed(1)).norm()) * 0.01
+    store = RoundStore(tmp_path, card, NormBound(typical / 2, typical * 2, factor=10.0))
+    zero = update_to_bytes(torch.zeros(*tiny_shape(card)), card.tiny.layout_fingerprint)
+    store.create_round(RoundSpec(), "r-mean")
+    store.create_round(RoundSpec(rule="median", accept_outliers=True), "r-robust")
+    for round_id in ("r-mean", "r-robust"):
+        with pytest.raises(ValueError, match="the update vector is all zeros"):
+            store.submit(round_id, "a", zero, 32)
+    store.submit("r-mean", "a", vector(card, 1), 32)  # in range
+    for scale in (100.0, 1e-5):  # 1000x above, 1000x below the typical norm
+        with pytest.raises(ValueError, match=r"L2 norm .* is outside .* widened 10x"):
+            store.submit("r-mean", "b", vector(card, 2, scale=scale), 32)
+        store.submit("r-robust", f"o-{scale:g}".replace(".", "-").replace("+", ""), vector(card, 2, scale=scale), 32)
+    assert sorted(store.get("r-mean").submissions) == ["a"] and len(store.get("r-robust").submissions) == 2
+    unbounded = RoundStore(tmp_path, card)  # no bound: only zeros are refused
+    unbounded.submit("r-mean", "b", vector(card, 2, scale=100.0), 32)
 
 
 def test_submit_is_idempotent_and_refuses_conflicts(card, tmp_path):

@@ -2,6 +2,7 @@
 the org client end to end with the PEFT adapter, and a restart in the middle of a round."""
 
 import base64
+import hashlib
 import json
 import re
 import secrets
@@ -20,7 +21,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from gt_ray.config import LoraSpec, PairConfig
 from gt_ray.models import load_card_side, load_model, make_pair_card
 from gt_ray.org import submit_vector
-from gt_ray.rounds import parse_update_bytes, update_to_bytes
+from gt_ray.rounds import NORM_BOUND_FILE, parse_update_bytes, update_to_bytes, write_norm_bound
 from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, load_translator, save_translator
 from gt_ray.updates import UPDATE_FORMAT, apply_update, save_update
 from serve.schemas import ProviderArgs
@@ -52,6 +53,7 @@ def files(card, tmp_path_factory):
     translator = Translator(cfg, GradTransformer(cfg), Normalizer.fit(x, y, "coordinate")).eval()
     save_translator(translator, d / "translator", {"fingerprints": {"tiny": card.tiny.layout_fingerprint,
                                                                      "llm": card.llm.layout_fingerprint}})
+    write_norm_bound(d / "translator", x, card.tiny.layout_fingerprint)  # the "corpus": norms ~0.01 sqrt(L d)
     tokens = {"admin": secrets.token_urlsafe(24), "orgs": {o: secrets.token_urlsafe(24) for o in ORGS}}
     (d / "tokens.json").write_text(json.dumps(tokens))
     return {"dir": d, "card": card_path, "checkpoint": d / "translator", "tokens": tokens,
@@ -111,6 +113,12 @@ def vector_file(card, tmp_path, org, round_id, seed):
                        {"n_examples": 32, "org_id": org, "round_id": round_id})
 
 
+def outlier_bytes(card, scale=1000.0):
+    """A finite vector whose norm is ``scale`` times the corpus' typical norm."""
+    t = torch.randn(card.tiny.n_layers, card.tiny.d_layer, generator=torch.Generator().manual_seed(99)) * 0.01 * scale
+    return update_to_bytes(t, card.tiny.layout_fingerprint)
+
+
 def b64(blob: bytes) -> str:
     return base64.b64encode(blob).decode()
 
@@ -131,9 +139,13 @@ def test_concurrent_translations_form_batches_and_match_the_checkpoint(service, 
     blobs = [vector_bytes(card, 100 + i) for i in range(n)]
     answers, barrier = [None] * n, threading.Barrier(n)
 
-    def post(i):
+    def post(i):  # even: JSON with base64; odd: the safetensors file itself, both ways
         barrier.wait()
-        answers[i] = http(service, "POST", "/v1/translate", token, json={"vector_b64": b64(blobs[i])})
+        if i % 2:
+            answers[i] = http(service, "POST", "/v1/translate", token, data=blobs[i],
+                              headers={"Content-Type": "application/octet-stream"})
+        else:
+            answers[i] = http(service, "POST", "/v1/translate", token, json={"vector_b64": b64(blobs[i])})
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
     for t in threads:
@@ -146,10 +158,16 @@ def test_concurrent_translations_form_batches_and_match_the_checkpoint(service, 
                      for b in blobs])
     expected = local.translate(x)
     for i, a in enumerate(answers):
-        body = a.json()
-        y, meta = parse_update_bytes(base64.b64decode(body["vector_b64"]), card.llm.layout_fingerprint,
-                                     (card.llm.n_layers, card.llm.d_layer))
-        assert body["fingerprint"] == card.llm.layout_fingerprint and meta["model_side"] == "llm"
+        if i % 2:
+            assert a.headers["content-type"] == "application/octet-stream"
+            out, sha = a.content, a.headers["X-Sha256"]
+        else:
+            body = a.json()
+            out, sha = base64.b64decode(body["vector_b64"]), body["sha256"]
+            assert body["fingerprint"] == card.llm.layout_fingerprint and body["shape"] == list(expected[i].shape)
+        y, meta = parse_update_bytes(out, card.llm.layout_fingerprint, (card.llm.n_layers, card.llm.d_layer))
+        assert meta["model_side"] == "llm" and sha == hashlib.sha256(out).hexdigest()
+        assert meta["source_sha256"] == hashlib.sha256(blobs[i]).hexdigest()
         torch.testing.assert_close(y, expected[i], rtol=1e-4, atol=1e-5)
     stats = http(service, "GET", "/v1/stats", files["tokens"]["admin"]).json()
     assert stats["max_batch_size"] == 8 and stats["batch_wait_timeout_s"] == 0.05  # user_config applied
@@ -204,6 +222,16 @@ def _bad_cases(card, tokens):
         "pickle instead of safetensors": ("POST", sub, a, body(b"\x80\x04\x95" + b"\0" * 40), 422,
                                           "not a safetensors file"),
         "NaN vector": ("POST", sub, a, body(nan), 422, "non-finite value"),
+        "all-zero vector": ("POST", sub, a, body(update_to_bytes(torch.zeros(shape), fp)), 422,
+                            "the update vector is all zeros: a fine-tune that learned nothing"),
+        "norm far above the corpus": ("POST", sub, a, body(outlier_bytes(card)), 422,
+                                      r"L2 norm .* is outside \[.*\], the shadow corpus' range .* widened 10x"),
+        "norm far below the corpus": ("POST", sub, a, body(outlier_bytes(card, 1e-4)), 422, "is outside"),
+        "outliers in a mean round": ("POST", "/v1/rounds", admin, {"json": {"accept_outliers": True}}, 422,
+                                     "accept_outliers needs a robust rule"),
+        "translate an all-zero vector": ("POST", "/v1/translate", a,
+                                         {"json": {"vector_b64": b64(update_to_bytes(torch.zeros(shape), fp))}}, 422,
+                                         "all zeros"),
         "wrong fingerprint": ("POST", sub, a, body(update_to_bytes(torch.zeros(shape), "0" * 64)), 422,
                               "does not match the card's"),
         "wrong shape": ("POST", sub, a, body(update_to_bytes(torch.ones(3, 5), fp)), 422,
@@ -236,6 +264,14 @@ def _bad_cases(card, tokens):
                               "not a safetensors file"),
         "translate without token": ("POST", "/v1/translate", None, {"json": {"vector_b64": "AAAA"}}, 401,
                                     "missing bearer token"),
+        "translate a binary body that is not a vector": ("POST", "/v1/translate", a, {
+            "data": b"\x80\x04\x95" + b"\0" * 40, "headers": {"Content-Type": "application/octet-stream"}}, 422,
+            "not a safetensors file"),
+        "translate a JSON body without the vector": ("POST", "/v1/translate", a, {"json": {"vector": "AAAA"}}, 422,
+                                                     "body.vector_b64: Field required"),
+        "translate a text body": ("POST", "/v1/translate", a, {"data": b"hello",
+                                                               "headers": {"Content-Type": "text/plain"}}, 415,
+                                  "send application/json or application/octet-stream"),
     }
 
 
@@ -243,11 +279,13 @@ BAD_CASE_NAMES = [
     "no token", "bad token", "another org's id", "admin submits", "org opens a round", "org closes a round",
     "org reads stats", "org not expected", "unknown round", "unknown round status", "impossible round id",
     "declared body too large", "chunked body too large", "garbage base64", "not safetensors",
-    "pickle instead of safetensors", "NaN vector", "wrong fingerprint", "wrong shape", "missing fields",
+    "pickle instead of safetensors", "NaN vector", "all-zero vector", "norm far above the corpus",
+    "norm far below the corpus", "outliers in a mean round", "translate an all-zero vector", "wrong fingerprint", "wrong shape", "missing fields",
     "extra field", "not JSON", "zero examples", "metadata disagrees", "bad idempotency key",
     "slot taken by another vector", "key reused for another vector", "close before quorum", "adapter before close",
     "adapter for an outsider", "round spec that cannot be", "unknown rule", "same round id, other spec",
-    "translate garbage", "translate without token",
+    "translate garbage", "translate without token", "translate a binary body that is not a vector",
+    "translate a JSON body without the vector", "translate a text body",
 ]
 
 
@@ -259,6 +297,44 @@ def test_client_mistakes_get_a_4xx_with_a_message(service, files, card, bad_roun
     r = http(service, method, path, token, **kw)
     assert r.status_code == status, r.text
     assert re.search(detail, r.json()["detail"]), r.json()
+
+
+def test_a_robust_round_that_accepts_outliers_takes_a_far_out_vector(service, files, card):
+    admin, tokens = files["tokens"]["admin"], files["tokens"]["orgs"]
+    for rule, accept, status in (("median", False, 422), ("median", True, 201), ("trimmed_mean", True, 201)):
+        round_id = f"r-out-{rule.replace('_', '-')}-{accept}".lower()
+        r = http(service, "POST", "/v1/rounds", admin, json={"round_id": round_id, "rule": rule,
+                                                              "accept_outliers": accept})
+        assert r.status_code == 201 and r.json()["spec"]["accept_outliers"] is accept, r.text
+        r = http(service, "POST", f"/v1/rounds/{round_id}/submissions", tokens["org-b"],
+                 json={"org_id": "org-b", "n_examples": 32, "vector_b64": b64(outlier_bytes(card))})
+        assert r.status_code == status, (rule, accept, r.text)
+    zero = update_to_bytes(torch.zeros(card.tiny.n_layers, card.tiny.d_layer), card.tiny.layout_fingerprint)
+    r = http(service, "POST", "/v1/rounds/r-out-median-true/submissions", tokens["org-a"],
+             json={"org_id": "org-a", "n_examples": 32, "vector_b64": b64(zero)})
+    assert r.status_code == 422 and "all zeros" in r.json()["detail"]  # never accepted, outliers or not
+
+
+def test_an_organization_sees_its_own_receipt_and_counts_never_the_other_participants(service, files, card):
+    admin, tokens = files["tokens"]["admin"], files["tokens"]["orgs"]
+    r = http(service, "POST", "/v1/rounds", admin, json={"round_id": "r-view", "expected_orgs": ["org-a", "org-b"]})
+    assert r.status_code == 201 and r.json()["spec"]["expected_orgs"] == ["org-a", "org-b"]
+    receipt = http(service, "POST", "/v1/rounds/r-view/submissions", tokens["org-a"],
+                   json={"org_id": "org-a", "n_examples": 32, "vector_b64": b64(vector_bytes(card, 20))}).json()
+    views = {who: http(service, "GET", "/v1/rounds/r-view", tokens[who]) for who in ("org-a", "org-b")}
+    for who, other in (("org-a", "org-b"), ("org-b", "org-a")):
+        view = views[who]
+        assert view.status_code == 200 and other not in view.text, view.text  # not even in the spec
+        body = view.json()
+        assert "expected_orgs" not in body["spec"] and body["orgs"] is None
+        assert (body["n_expected"], body["n_submissions"], body["min_submissions"]) == (2, 1, 2)
+    assert views["org-a"].json()["your_receipt"]["receipt_id"] == receipt["receipt_id"]
+    assert views["org-b"].json()["your_receipt"] is None
+    outsider = http(service, "GET", "/v1/rounds/r-view", tokens["org-c"])
+    assert outsider.status_code == 403 and "'org-c' is not expected in round 'r-view'" in outsider.json()["detail"]
+    full = http(service, "GET", "/v1/rounds/r-view", admin).json()
+    assert full["spec"]["expected_orgs"] == ["org-a", "org-b"] and full["orgs"] == ["org-a"]
+    assert full["your_receipt"] is None
 
 
 def test_orgs_submit_with_the_client_then_close_gives_a_peft_adapter(service, files, card, tmp_path):
@@ -308,7 +384,11 @@ def test_restart_mid_round_keeps_every_submission(service, files, card, tmp_path
 
     serve.delete(APP)  # the app goes away with everything in its memory
     assert requests.get(service[0] + "/healthz", timeout=10).status_code == 404
+    bound = files["checkpoint"] / NORM_BOUND_FILE
+    bound.rename(bound.with_suffix(".off"))  # a checkpoint without the norm file: the service starts, bound off
     service[2]()  # and comes back on the same state dir
+    far = http(service, "POST", "/v1/translate", tokens["org-a"], json={"vector_b64": b64(outlier_bytes(card))})
+    assert far.status_code == 200, far.text
 
     status = http(service, "GET", "/v1/rounds/r-restart", admin).json()
     assert status["orgs"] == ["org-a", "org-b"] and status["status"] == "open"

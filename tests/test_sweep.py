@@ -1,0 +1,42 @@
+"""The sweep's resources come from the config: validation, per-trial resources, the device."""
+
+import pytest
+import torch
+
+from gt_ray.config import ExperimentConfig, SweepConfig, from_dict
+from jobs.tune_translator import trial_device, trial_resources
+
+
+def test_sweep_resources_are_validated():
+    with pytest.raises(ValueError, match=r"cpus_per_trial must be > 0 \(Ray refuses 0; a GPU trial can take 0.01\), got 0.0"):
+        SweepConfig(cpus_per_trial=0.0)
+    with pytest.raises(ValueError, match="gpus_per_trial must be >= 0, got -1"):
+        SweepConfig(gpus_per_trial=-1)
+    with pytest.raises(ValueError, match="sweep: gpus_per_trial above 1 must be a whole number, got 1.5"):
+        from_dict(ExperimentConfig, {"pair": {"tiny": {"path": "a"}, "llm": {"path": "b"}},
+                                     "sweep": {"gpus_per_trial": 1.5}})
+    with pytest.raises(ValueError, match="max_concurrent_trials must be > 0, got 0"):
+        SweepConfig(max_concurrent_trials=0)
+
+
+def test_trial_resources_and_device_follow_the_config():
+    assert trial_resources(SweepConfig()) == {"cpu": 1.0}
+    assert trial_resources(SweepConfig(cpus_per_trial=2, gpus_per_trial=0.25)) == {"cpu": 2.0, "gpu": 0.25}
+    assert trial_resources(SweepConfig(cpus_per_trial=0.01, gpus_per_trial=2)) == {"cpu": 0.01, "gpu": 2.0}
+    assert trial_device(SweepConfig()) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert trial_device(SweepConfig(gpus_per_trial=0.5)) == torch.device("cuda")
+    else:
+        with pytest.raises(RuntimeError, match="sweep.gpus_per_trial=0.5 but torch sees no GPU in this trial"):
+            trial_device(SweepConfig(gpus_per_trial=0.5))
+
+
+def test_real_scale_sweeps_run_on_gpus():
+    from pathlib import Path
+
+    from gt_ray.config import load_yaml
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs/qwen2.5").glob("*.yaml")):
+        sw = load_yaml(path).sweep
+        assert sw.gpus_per_trial > 0 and trial_resources(sw)["gpu"] == sw.gpus_per_trial, path.name
+        assert sw.cpus_per_trial <= 8 * min(1.0, sw.gpus_per_trial), f"{path.name}: a trial must fit its share of a GPU worker"
