@@ -231,6 +231,8 @@ def main() -> None:
     lock = threading.Lock()
     closable: list[str] = []
     close_results: dict[str, dict] = {}
+    zips: dict[str, bytes | None] = {}
+    submit_s = float("nan")
     try:
         events.append({"event": "start", "ready_s": service.start()})
         for i, r in enumerate(round_ids):
@@ -282,7 +284,7 @@ def main() -> None:
                 close_results[r] = {"status": res.status_code, "seconds": time.time() - t0, "body": res.json()}
 
         stop = threading.Event()
-        closing = threading.Thread(target=closer, args=(stop,))
+        closing = threading.Thread(target=closer, args=(stop,), daemon=True)
         closing.start()
         kill_at = [len(tasks) * (k + 1) // (args.kills + 1) for k in range(args.kills)]
         t_submit = time.time()
@@ -307,10 +309,12 @@ def main() -> None:
             if r not in close_results or close_results[r]["status"] != 200:
                 res = admin_call("POST", f"{service.url}/v1/rounds/{r}/close", tokens["admin"], deadline)
                 close_results[r] = {"status": res.status_code, "seconds": 0.0, "body": res.json()}
-        zips = {}
         for r in round_ids:
             res = admin_call("GET", f"{service.url}/v1/rounds/{r}/adapter", tokens["admin"], deadline)
             zips[r] = res.content if res.status_code == 200 else None
+    except RuntimeError as e:  # the deadline, or a service that would not start: verify what there is
+        events.append({"event": "aborted", "reason": str(e)})
+        print(f"aborted: {e}", flush=True)
     finally:
         service.stop()
 
@@ -365,7 +369,8 @@ def main() -> None:
         "accepted_receipts": len(receipts), "lost": len(lost), "duplicated": len(duplicated),
         "duplicate_answers_on_retry": stats["duplicate_answers"], "submit_vector_calls": stats["attempt_calls"],
         "retried_errors": stats["retried_errors"], "refused": stats["refused"], "gave_up": stats["gave_up"],
-        "orphan_files": len(orphans), "sigkills": args.kills, "rounds_closed": sum(
+        "orphan_files": len(orphans), "sigkills_done": sum(e["event"] == "sigkill+restart" for e in events),
+        "aborted": any(e["event"] == "aborted" for e in events), "rounds_closed": sum(
             store.get(r).status == "closed" for r in round_ids),
         "adapters_matching_recomputation": verified, "rounds_not_verified": len(mismatched_rounds),
         "submit_phase_s": round(submit_s, 1), "total_s": round(time.time() - t_start, 1),
@@ -383,7 +388,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.out}")
     shutil.rmtree(root, ignore_errors=True)
-    ok = not (lost or duplicated or mismatched_rounds or stats["refused"] or stats["gave_up"])
+    ok = not (lost or duplicated or mismatched_rounds or stats["refused"] or stats["gave_up"] or summary["aborted"])
     raise SystemExit(0 if ok else 1)
 
 
