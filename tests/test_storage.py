@@ -38,7 +38,7 @@ def s3(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
+    deadline = time.time() + 180  # importing moto takes long on a loaded machine
     while True:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
