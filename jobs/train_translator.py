@@ -25,6 +25,7 @@ import yaml
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus, split_by_subset
+from gt_ray.rounds import write_norm_bound
 from gt_ray.translator import CONFIG_FILENAME, TrainConfig, TranslatorConfig, save_translator, train_translator
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir, work_location, write_json
 
@@ -142,6 +143,8 @@ def translator_worker(config: dict) -> None:
                                                 "train_subsets": train_ids, "val_subsets": val_ids,
                                                 "key": config["key"], **config["extra"]})
         write_json(out / HISTORY_FILE, history)
+        # the service refuses inputs whose norm lies far outside what the corpus shows
+        write_norm_bound(out, torch.cat([tr["tiny"], va["tiny"]]), corpus.fingerprints["tiny"])
 
 
 # ----------------------------------------------------------------------------- driver
