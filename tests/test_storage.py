@@ -72,7 +72,7 @@ def pair_and_rows(tiny_path, gqa_path):
     cfg = ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT)
     card = make_pair_card(cfg.pair, tiny_path, gqa_path)
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
-    return card, {s.subset_id: finetune_pair(tiny, llm, s, FT) for s in plan_subsets(cfg, 2, seed=3)}
+    return card, {s.subset_id: finetune_pair(tiny, llm, s, FT) for s in plan_subsets(cfg, 3, seed=3)}
 
 
 def test_corpus_shards_and_manifest_through_s3(s3, pair_and_rows):
@@ -82,18 +82,18 @@ def test_corpus_shards_and_manifest_through_s3(s3, pair_and_rows):
     for i, rows in produced.items():
         assert write_shard(uri, i, rows, corpus_schema(card)) == s3.format(f"runs/corpus/shard-{i:05d}.parquet")
     card.save(storage.join(uri, "pair_card.json"))
-    manifest = write_manifest(uri, card, {"test": True}, 2)
+    manifest = write_manifest(uri, card, {"test": True}, 3)
     fs, root = storage.resolve(uri)
     assert isinstance(fs, pafs.S3FileSystem) and root == "gt-ray/runs/corpus"
     listed = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
-    assert listed == ["manifest.json", "pair_card.json", "shard-00000.parquet", "shard-00001.parquet"]
-    assert completed_subsets(uri) == {0, 1} and manifest["n_rows"] == 4
+    assert listed == ["manifest.json", "pair_card.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert completed_subsets(uri) == {0, 1, 2} and manifest["n_rows"] == 6
 
     corpus = Corpus(uri)
     assert corpus.directory == uri and corpus.card() == card
     assert PairCard.load(storage.join(uri, "pair_card.json")) == card
     data = corpus.load(steps=[4])
-    assert data["subset_id"].tolist() == [0, 1]
+    assert data["subset_id"].tolist() == [0, 1, 2]
     for j, i in enumerate(data["subset_id"].tolist()):
         expected = torch.from_numpy(produced[i][1]["llm"]).reshape(3, 320)
         torch.testing.assert_close(data["llm"][j], expected, rtol=0, atol=0)
@@ -151,10 +151,10 @@ def test_sweep_on_ray_with_corpus_results_and_best_config_on_s3(s3, pair_and_row
     corpus_uri = s3.format("sweep/corpus")
     for i, rows in produced.items():
         write_shard(corpus_uri, i, rows, corpus_schema(card))
-    write_manifest(corpus_uri, card, {}, 2)
+    write_manifest(corpus_uri, card, {}, 3)  # three subsets: train / validation / test
     pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
     cfg = ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT, work_dir=s3.format("sweep"),
-                           corpus=CorpusConfig(n_subsets=2, storage_path=corpus_uri),
+                           corpus=CorpusConfig(n_subsets=3, storage_path=corpus_uri),
                            sweep=SweepConfig(num_samples=2, max_concurrent_trials=2, max_epochs=2, grace_period=1,
                                              d_model=[16], num_layers=[1], batch_size=[2], cpus_per_trial=0.5))
     best = tune(cfg)
