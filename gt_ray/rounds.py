@@ -752,6 +752,7 @@ class RoundStore:
         self.tiny_fingerprint, self.tiny_shape = card.tiny.layout_fingerprint, (card.tiny.n_layers, card.tiny.d_layer)
         self.llm_fingerprint, self.llm_shape = card.llm.layout_fingerprint, (card.llm.n_layers, card.llm.d_layer)
         self.llm_path = card.llm.path
+        self.recipe_fingerprint = card.recipe_fingerprint  # None on cards written before recipes
         (self.root / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
         identity = {"format": STORE_FORMAT, "card_id": self.card_id, "tiny_fingerprint": self.tiny_fingerprint,
                     "llm_fingerprint": self.llm_fingerprint}
@@ -870,6 +871,11 @@ class RoundStore:
         for key, expected in (("org_id", org_id), ("round_id", round_id), ("n_examples", n_examples)):
             if meta.get(key) is not None and meta[key] != expected:
                 raise ValueError(f"the vector's metadata says {key}={meta[key]!r}, the request {expected!r}")
+        recipe = meta.get("recipe_fingerprint")
+        if self.recipe_fingerprint is not None and recipe is not None and recipe != self.recipe_fingerprint:
+            raise RoundConflictError(f"the vector was fine-tuned with another recipe (fingerprint {str(recipe)[:12]}) "
+                                     f"than the pair card's ({self.recipe_fingerprint[:12]}): its translation would "
+                                     "be meaningless; fine-tune with the card's recipe (gt-ray org finetune's defaults)")
         sha = _sha256(blob)
         key_hash = _sha256(idempotency_key.encode()) if idempotency_key is not None else None
         with self._locked(round_id) as state:

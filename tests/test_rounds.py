@@ -381,3 +381,22 @@ def test_weight_space_adapter_is_the_exact_weighted_mean_of_lora_products(card, 
             merged.get_submodule(module).weight += (LORA.alpha / LORA.rank) * mean_product
     assert naive_differs  # averaging the factors would not have been the mean of the products
     torch.testing.assert_close(_logits(loaded, card), _logits(merged.eval(), card), rtol=1e-4, atol=1e-5)
+
+
+def test_a_vector_of_another_recipe_than_the_cards_is_refused(card, tmp_path):
+    import dataclasses
+
+    from gt_ray.models import recipe_fingerprint
+
+    recipe = {"steps": 150, "lr": 3e-3, "batch_size": 32, "weight_decay": 0.0, "n_examples": 256,
+              "snapshot_steps": [150], "dtype": "float32"}
+    with_recipe = dataclasses.replace(card, recipe=recipe)
+    store = RoundStore(tmp_path, with_recipe)
+    store.create_round(RoundSpec(expected_orgs=["a", "b", "c"]), "r1")
+    other = recipe_fingerprint({**recipe, "lr": 1e-2})
+    with pytest.raises(RoundConflictError, match="fine-tuned with another recipe"):
+        store.submit("r1", "a", vector(card, 11, recipe_fingerprint=other), 32)
+    same = recipe_fingerprint({**recipe, "n_examples": 64})  # data size is not part of the recipe
+    assert not store.submit("r1", "a", vector(card, 11, recipe_fingerprint=same), 32).duplicate
+    assert not store.submit("r1", "b", vector(card, 12), 32).duplicate  # a vector that claims no recipe
+    assert not RoundStore(tmp_path / "old", card).recipe_fingerprint  # a card without a recipe checks nothing
