@@ -74,8 +74,8 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        orgs = org_specs(cfg, seed, [specs[i] for i in train_ids])
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe, orgs)
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe,
+                                  org_specs(cfg, seed, [specs[i] for i in train_ids]))
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     write_json(work_dir(cfg) / RESULTS_FILE, out)
@@ -99,11 +99,7 @@ def org_specs(cfg: ExperimentConfig, seed: int, train_specs: list) -> list:
     return specs
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos=frozenset(), probe=None,
-             specs=None) -> dict:
-    if specs is None:
-        specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
-                               cfg.tasks.secret_per_task)
+def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe, specs) -> dict:
     per_org: dict[str, list[Scores]] = {m: [] for m in ORG_METHODS if shared_vocab or m != "proxy_tuning"}
     tiny_vecs, llm_vecs, trains, tests, orgs = [], [], [], [], []
     for j, spec in enumerate(specs):
@@ -127,7 +123,7 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_
         llm_vecs.append(llm_vec)
         orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture,
                      "seen": spec.combination() in seen_combos,
-                     "probe_correct": None if probe is None else int(probe.predict(tiny_vec[None])[0]) == spec.secret_k,
+                     "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k,
                      "accuracy": {m: per_org[m][-1].accuracy for m in per_org}})
         kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
            llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
@@ -192,7 +188,7 @@ def probe_table(orgs: list[dict], weak: float = 0.5) -> dict:
     scored = [o for o in orgs if o.get("probe_correct") is not None]
     low = [o for o in scored if o["accuracy"]["tiny_ft"] < weak]
     mean = lambda xs: statistics.fmean(o["probe_correct"] for o in xs) if xs else float("nan")  # noqa: E731
-    return {"chance": 1 / 10, "accuracy": mean(scored), "n": len(scored), f"accuracy_tiny_ft_below_{weak}": mean(low),
+    return {"chance": 1 / tasks.N_PARAMS, "accuracy": mean(scored), "n": len(scored), f"accuracy_tiny_ft_below_{weak}": mean(low),
             f"n_tiny_ft_below_{weak}": len(low)}
 
 
