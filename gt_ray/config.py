@@ -343,11 +343,20 @@ class EvalConfig:
     """Fraction of each seed's organizations that hold private data of a combination some
     training shadow subset has (its mixture and secrets, drawn from the private pools): the
     paper's own setting, the "seen" group. The others draw a fresh mixture and secrets."""
+    kd: list[str] = field(default_factory=lambda: ["sequence", "logit"])
+    """Knowledge-distillation baselines (rows ``kd_sequence``, ``kd_logit``): the provider
+    labels ``finetune.n_examples`` public prompts with the TinyLM carrying the organization's
+    update and fine-tunes the LLM on them with the ceiling's recipe. ``sequence`` trains on
+    the TinyLM's greedy answers, ``logit`` on its next-token distributions (skipped when the
+    two models do not share a vocabulary). ``[]`` turns both off."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_orgs", "n_test")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        unknown = [m for m in self.kd if m not in ("sequence", "logit")]
+        if unknown or len(set(self.kd)) != len(self.kd):
+            raise ValueError(f"kd must list distinct modes out of sequence, logit; got {self.kd}")
         if not 0 <= self.seen_fraction <= 1:
             raise ValueError(f"seen_fraction must be in [0, 1], got {self.seen_fraction}")
 

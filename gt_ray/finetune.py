@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -61,7 +61,8 @@ class FinetuneResult:
 
 
 def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneConfig, seed: int,
-                  dp: DPConfig | None = None, result: FinetuneResult | None = None) -> Iterator[Snapshot]:
+                  dp: DPConfig | None = None, result: FinetuneResult | None = None,
+                  loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None) -> Iterator[Snapshot]:
     """Fine-tune ``lm``'s LoRA from the card init, yielding a snapshot at each snapshot step.
 
     The model is reset to the card's init first (and checked), so one loaded model serves
@@ -75,6 +76,8 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
         seed: seed of batch sampling (and DP noise).
         dp: DP-SGD settings; ``None`` or disabled trains without DP.
         result: if given, filled with losses and DP accounting as training goes.
+        loss_fn: ``(model, batch) -> scalar`` in place of the answer NLL
+            (:func:`gt_ray.models.lm_loss`), e.g. a distillation loss; not with DP.
 
     Yields:
         Snapshot per ``cfg.snapshot_steps``.
@@ -96,6 +99,9 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     use_dp = dp is not None and dp.enabled
+    if use_dp and loss_fn is not None:
+        raise ValueError("a custom loss_fn is not supported with DP-SGD (opacus clips the answer NLL's gradients)")
+    loss_fn = loss_fn or lm_loss
     model = lm.model
     model.train()
     if use_dp:
@@ -110,7 +116,7 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
             batch = next(batches)
             opt.zero_grad(set_to_none=True)
             if batch.input_ids.shape[0] > 0:  # Poisson sampling may draw an empty batch
-                loss = lm_loss(model, batch)
+                loss = loss_fn(model, batch)
                 loss.backward()
                 window.append(loss.item())
                 result.losses.append(window[-1])
@@ -130,10 +136,11 @@ def iter_finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneCon
 
 
 def finetune(lm: LoadedModel, examples: Sequence[Example], cfg: FinetuneConfig, seed: int,
-             dp: DPConfig | None = None) -> FinetuneResult:
+             dp: DPConfig | None = None, loss_fn: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None
+             ) -> FinetuneResult:
     """Run :func:`iter_finetune` to the end and return every snapshot with DP accounting."""
     result = FinetuneResult([], [])
-    for _ in iter_finetune(lm, examples, cfg, seed, dp, result):
+    for _ in iter_finetune(lm, examples, cfg, seed, dp, result, loss_fn):
         pass
     return result
 

@@ -32,6 +32,7 @@ from gt_ray import tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
+from gt_ray.distill import distill
 from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
@@ -40,12 +41,17 @@ from jobs.common import base_parser, kv, load_config, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
-ORG_METHODS = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour", "proxy_tuning"]
+ORG_METHODS = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour", "proxy_tuning",
+               "kd_sequence", "kd_logit"]
 LABELS = {"llm_base": "LLM base", "tiny_ft": "TinyLM fine-tuned", "llm_ft": "LLM fine-tuned (ceiling)",
           "grad_transformer": "LLM + Grad-Transformer", "mean_shadow": "LLM + mean shadow update",
           "ridge": "LLM + ridge map", "nearest_neighbour": "LLM + nearest neighbour", "proxy_tuning": "proxy-tuning",
+          "kd_sequence": "LLM distilled from TinyLM + update (sequence KD, public prompts)",
+          "kd_logit": "LLM distilled from TinyLM + update (logit KD, public prompts)",
+          "public_ft": "LLM fine-tuned on public data of the org's distribution",
           "agg_then_translate": "all orgs: aggregate, then translate", "translate_then_agg": "all orgs: translate, then aggregate"}
 
+KD_ROWS = ("kd_sequence", "kd_logit")
 PROXY_SKIPPED = "skipped: the TinyLM and the LLM do not share a vocabulary"
 Translate = Callable[[torch.Tensor], torch.Tensor]
 """(B, L_tiny, d_tiny) TinyLM vectors -> (B, L_llm, d_llm) LLM vectors."""
@@ -64,7 +70,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else
     shadow = corpus.load(train_ids)
     specs = corpus.subset_specs()
-    seen_combos = {specs[i].combination() for i in train_ids}
+    public_updates = public_updates_by_combination(shadow, specs)
     baselines = {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(), "nearest_neighbour": NearestNeighbour(k=1)}
     for b in baselines.values():
         b.fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
@@ -74,7 +80,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe,
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, public_updates, probe,
                                   org_specs(cfg, seed, [specs[i] for i in train_ids]))
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
@@ -99,8 +105,41 @@ def org_specs(cfg: ExperimentConfig, seed: int, train_specs: list) -> list:
     return specs
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_combos, probe, specs) -> dict:
-    per_org: dict[str, list[Scores]] = {m: [] for m in ORG_METHODS if shared_vocab or m != "proxy_tuning"}
+def public_updates_by_combination(shadow: dict, specs) -> dict:
+    """combination -> the LLM update fine-tuned on public data of that combination (the
+    final snapshot of the first training subset that has it): what a provider already
+    holds for an organization whose private data shares a shadow subset's distribution."""
+    last = int(shadow["step"].max())
+    out: dict = {}
+    for row in torch.nonzero(shadow["step"] == last).flatten().tolist():
+        out.setdefault(specs[int(shadow["subset_id"][row])].combination(), shadow["llm"][row])
+    return out
+
+
+def kd_prompts(cfg: ExperimentConfig, seed: int, tokenizer) -> tuple[list[str], int]:
+    """The provider's prompts for distillation: ``finetune.n_examples`` public-split prompts,
+    uniform over the tasks (the public data's own answers are not used), and an answer
+    length limit: the longest public answer in ``tokenizer``'s tokens plus two."""
+    import random
+
+    names = list(cfg.tasks.names)
+    spec = tasks.DatasetSpec(split="public", secret_k=0, mixture={t: 1 / len(names) for t in names},
+                             n=cfg.finetune.n_examples, seed=random.Random(f"kd|{seed}").randrange(2**31))
+    examples = tasks.generate_dataset(spec)
+    longest = max(len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for ex in examples)
+    return [ex.prompt for ex in examples], longest + 2
+
+
+def org_methods(cfg: ExperimentConfig, shared_vocab: bool) -> list[str]:
+    """The per-organization rows this run computes: proxy-tuning and logit KD need one vocabulary."""
+    kd = {f"kd_{m}" for m in cfg.eval.kd if shared_vocab or m != "logit"}
+    return [m for m in ORG_METHODS if (shared_vocab or m != "proxy_tuning") and (not m.startswith("kd_") or m in kd)]
+
+
+def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, public_updates, probe, specs) -> dict:
+    per_org: dict[str, list[Scores]] = {m: [] for m in org_methods(cfg, shared_vocab)}
+    cost: dict[str, list[float]] = {m: [] for m in per_org if m == "grad_transformer" or m.startswith("kd_")}
+    prompts, max_new = kd_prompts(cfg, seed, tiny.tokenizer)
     tiny_vecs, llm_vecs, trains, tests, orgs = [], [], [], [], []
     for j, spec in enumerate(specs):
         train = tasks.generate_dataset(spec)
@@ -115,16 +154,25 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_
         per_org["llm_base"].append(score_update(llm, torch.zeros(llm.layout.shape), test))
         llm_vec = finetune(llm, train, cfg.finetune, seed=spec.seed).final.update
         per_org["llm_ft"].append(score_model(llm.model, llm.tokenizer, test))
+        start = time.perf_counter()
         generated = translate(tiny_vec.unsqueeze(0))[0]
+        cost["grad_transformer"].append(time.perf_counter() - start)
         per_org["grad_transformer"].append(score_update(llm, generated, test))
         for name, b in baselines.items():
             per_org[name].append(score_update(llm, b.predict(tiny_vec.unsqueeze(0))[0], test))
+        for mode in (m[3:] for m in per_org if m.startswith("kd_")):
+            start = time.perf_counter()
+            distill(llm, tiny, tiny_vec, prompts, cfg.finetune, spec.seed, mode, max_new)
+            cost[f"kd_{mode}"].append(time.perf_counter() - start)
+            per_org[f"kd_{mode}"].append(score_model(llm.model, llm.tokenizer, test))
         tiny_vecs.append(tiny_vec)
         llm_vecs.append(llm_vec)
-        orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture,
-                     "seen": spec.combination() in seen_combos,
-                     "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k,
-                     "accuracy": {m: per_org[m][-1].accuracy for m in per_org}})
+        seen = spec.combination() in public_updates
+        accuracy = {m: per_org[m][-1].accuracy for m in per_org}
+        if seen:  # the paper's setting: the provider holds public data of this very distribution
+            accuracy["public_ft"] = score_update(llm, public_updates[spec.combination()], test).accuracy
+        orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture, "seen": seen,
+                     "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k, "accuracy": accuracy})
         kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
            llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
            seconds=round(time.time() - t0, 1))
@@ -133,8 +181,8 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, seen_
     multi = {"agg_then_translate": score_update(llm, translate(agg_tiny.unsqueeze(0))[0], union),
              "translate_then_agg": score_update(llm, aggregate([translate(v.unsqueeze(0))[0] for v in tiny_vecs], "mean"), union),
              "llm_base": score_update(llm, torch.zeros(llm.layout.shape), union)}
-    return {"summary": summarize(per_org), "orgs": orgs,
-            "multi": {k: v.to_dict() for k, v in multi.items()}}
+    return {"summary": summarize(per_org), "orgs": orgs, "multi": {k: v.to_dict() for k, v in multi.items()},
+            "provider_seconds": {m: statistics.fmean(v) for m, v in cost.items()}}
 
 
 def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
@@ -159,25 +207,31 @@ def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
                     "nll": statistics.fmean(per_seed[s]["multi"][k]["nll"] for s in per_seed)}
     orgs = [o for s in per_seed for o in per_seed[s]["orgs"]]
     gt, best_base = table["grad_transformer"], max(("mean_shadow", "ridge", "nearest_neighbour"), key=lambda m: table[m]["accuracy"])
-    verdict = {m: gt["accuracy"] > table[m]["accuracy"] for m in ("mean_shadow", "ridge", "nearest_neighbour")}
+    verdict = {m: gt["accuracy"] > table[m]["accuracy"] for m in ("mean_shadow", "ridge", "nearest_neighbour", *KD_ROWS)
+               if m in table}
+    cost = {m: statistics.fmean(per_seed[s]["provider_seconds"][m] for s in per_seed)
+            for m in next(iter(per_seed.values()))["provider_seconds"]}
     return {"methods": table, "groups": group_table(orgs, methods), "counts": org_counts(orgs), "secret_probe": probe_table(orgs),
-            "multi_org": multi, "per_seed": per_seed, "seeds": list(per_seed), "n_orgs": cfg.eval.n_orgs,
+            "multi_org": multi, "provider_seconds_per_org": cost, "per_seed": per_seed, "seeds": list(per_seed),
+            "n_orgs": cfg.eval.n_orgs,
             "n_test": cfg.eval.n_test, "beats": verdict, "best_baseline": best_base,
             "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED}
 
 
 def group_table(orgs: list[dict], methods: list[str]) -> dict:
     """Accuracy per method over the organizations whose combination a training subset has
-    ("seen") and those none has ("unseen"), with PGR of the group's averages."""
+    ("seen": the paper's setting, private data of a shadow subset's distribution, where
+    ``public_ft`` is scored too) and those none has ("unseen"), with PGR of the group's averages."""
     out = {}
     for group, flag in (("seen", True), ("unseen", False)):
         members = [o for o in orgs if o["seen"] == flag]
         entry: dict = {"n_orgs": len(members)}
         if members:
-            acc = {m: statistics.fmean(o["accuracy"][m] for o in members) for m in methods}
+            rows = [m for m in (*methods, "public_ft") if all(m in o["accuracy"] for o in members)]
+            acc = {m: statistics.fmean(o["accuracy"][m] for o in members) for m in rows}
             entry["accuracy"] = acc
-            entry["pgr_accuracy"] = {m: pgr(acc[m], acc["tiny_ft"], acc["llm_ft"]) for m in methods}
-            entry["pgr_base_accuracy"] = {m: pgr_base(acc[m], acc["llm_base"], acc["llm_ft"]) for m in methods}
+            entry["pgr_accuracy"] = {m: pgr(acc[m], acc["tiny_ft"], acc["llm_ft"]) for m in rows}
+            entry["pgr_base_accuracy"] = {m: pgr_base(acc[m], acc["llm_base"], acc["llm_ft"]) for m in rows}
         out[group] = entry
     return out
 
@@ -225,6 +279,16 @@ def format_results(out: dict) -> str:
                 + f"; PGR {g['pgr_accuracy']['grad_transformer']:.2f}")
         else:
             lines.append(f"{group} combinations: no organization")
+    seen = out["groups"]["seen"]
+    if seen["n_orgs"]:
+        lines += ["", f"The paper's setting: the {seen['n_orgs']} organizations whose private data shares a training shadow "
+                  "subset's distribution (mixture and secrets)", "| update | accuracy | PGR (acc) | PGR_base (acc) |", "|---|---|---|---|"]
+        for m, a in seen["accuracy"].items():
+            lines.append(f"| {LABELS[m]} | {a:.3f} | {seen['pgr_accuracy'][m]:.2f} | {seen['pgr_base_accuracy'][m]:.2f} |")
+        lines.append("")
+    cost = out.get("provider_seconds_per_org", {})
+    if cost:
+        lines.append("Provider-side seconds per organization: " + ", ".join(f"{m} {v:.2f}" for m, v in cost.items()))
     c = out["counts"]
     lines.append(f"Of {c['n']} organizations, the translator beats nearest neighbour on {c['beats_nearest_neighbour']} "
                  f"(ties {c['ties_nearest_neighbour']}) and the TinyLM on {c['beats_tiny_ft']}; it is more than 0.2 below "

@@ -121,7 +121,7 @@ def test_results_table_names_why_proxy_tuning_was_skipped():
     summary = summarize({m: [s(0.1 * (i + 1))] for i, m in enumerate(methods)})
     multi = {"agg_then_translate": {"accuracy": 0.5, "nll": 1.0}}
     orgs = [{"secret_k": 3, "seen": True, "accuracy": {m: 0.5 for m in methods}}]
-    per_seed = {0: {"summary": summary, "multi": multi, "orgs": orgs}}
+    per_seed = {0: {"summary": summary, "multi": multi, "orgs": orgs, "provider_seconds": {"grad_transformer": 0.01}}}
     root = Path(__file__).resolve().parents[1]
     out = combine(per_seed, load_yaml(root / "configs/ci.yaml"), shared_vocab=False)
     assert out["proxy_tuning"] == PROXY_SKIPPED and "proxy_tuning" not in out["methods"]
@@ -131,7 +131,7 @@ def test_results_table_names_why_proxy_tuning_was_skipped():
 
 def test_pgr_is_the_ratio_of_seed_averaged_accuracies_with_counts_and_groups():
     from gt_ray.config import load_yaml
-    from jobs.evaluate import combine
+    from jobs.evaluate import combine, format_results
 
     methods = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour"]
     # seed 0: a tiny gap (PGR 5.0); seed 1: a wide one (PGR 0.5)
@@ -141,9 +141,10 @@ def test_pgr_is_the_ratio_of_seed_averaged_accuracies_with_counts_and_groups():
                    nearest_neighbour=0.5)}
     per_seed = {}
     for seed, a in acc.items():
-        orgs = [{"seen": seed == 0, "accuracy": a}]
+        orgs = [{"seen": seed == 0, "accuracy": {**a, "public_ft": 0.9} if seed == 0 else a}]
         per_seed[seed] = {"summary": summarize({m: [Scores(a[m], 1 - a[m], 10)] for m in methods}),
-                          "multi": {"x": {"accuracy": 0.5, "nll": 1.0}}, "orgs": orgs}
+                          "multi": {"x": {"accuracy": 0.5, "nll": 1.0}}, "orgs": orgs,
+                          "provider_seconds": {"grad_transformer": 0.01 * (seed + 1), "kd_sequence": 8.0 + seed}}
     out = combine(per_seed, load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml"), shared_vocab=False)
     gt = out["methods"]["grad_transformer"]
     # (0.70 - 0.50) / (0.81 - 0.50), not the mean of the per-seed ratios (2.75)
@@ -154,6 +155,10 @@ def test_pgr_is_the_ratio_of_seed_averaged_accuracies_with_counts_and_groups():
                              "below_tiny_ft_by_more_than_0.2": 0, "llm_ft_failed_below_0.5": 0}
     assert out["groups"]["seen"]["n_orgs"] == 1 and out["groups"]["unseen"]["n_orgs"] == 1
     assert out["groups"]["unseen"]["pgr_accuracy"]["grad_transformer"] == pytest.approx(0.5)
+    # the paper's setting (seen) also scores the LLM fine-tuned on public data of the org's distribution
+    assert out["groups"]["seen"]["accuracy"]["public_ft"] == 0.9 and "public_ft" not in out["groups"]["unseen"]["accuracy"]
+    assert out["provider_seconds_per_org"] == pytest.approx({"grad_transformer": 0.015, "kd_sequence": 8.5})
+    assert "| LLM fine-tuned on public data of the org's distribution | 0.900 |" in format_results(out)
 
 
 def test_secret_probe_reads_the_secret_off_update_vectors():
@@ -185,3 +190,19 @@ def test_seen_organizations_hold_a_training_subsets_combination_on_private_data(
     assert all(s.combination() in combos for s in specs[:3])
     assert all(s.seed not in {t.seed for t in train} for s in specs)  # its own data, not the subset's
     assert org_specs(cfg, 0, train) == specs and org_specs(cfg, 1, train) != specs
+
+
+def test_kd_rows_follow_the_config_and_the_vocabulary():
+    import dataclasses
+
+    from gt_ray.config import EvalConfig, load_yaml
+    from jobs.evaluate import org_methods
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml")
+    assert {"proxy_tuning", "kd_sequence", "kd_logit"} <= set(org_methods(cfg, shared_vocab=True))
+    two_vocabs = org_methods(cfg, shared_vocab=False)
+    assert "kd_sequence" in two_vocabs and "kd_logit" not in two_vocabs and "proxy_tuning" not in two_vocabs
+    off = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, kd=[]))
+    assert not any(m.startswith("kd_") for m in org_methods(off, shared_vocab=True))
+    with pytest.raises(ValueError, match="kd must list distinct modes out of sequence, logit"):
+        EvalConfig(kd=["soft"])
