@@ -53,6 +53,9 @@ def variants(model_cfg, train_cfg) -> dict:
         "function loss, parallel, retrieval head": (dataclasses.replace(par, head="retrieval"), fn, True, "all"),
         "function loss, parallel, final snapshot only": (par, dataclasses.replace(fn, sample_snapshots=False), True, "final"),
         "function loss, parallel, half the training subsets": (par, fn, True, "half"),
+        "function loss, parallel, epoch on val accuracy": (par, dataclasses.replace(fn, select_on="accuracy"), True, "all"),
+        "function loss, parallel, retrieval head, epoch on val accuracy": (
+            dataclasses.replace(par, head="retrieval"), dataclasses.replace(fn, select_on="accuracy"), True, "all"),
     }
 
 
@@ -93,11 +96,13 @@ def main() -> None:
                 d["tiny"], d["llm"], va["tiny"], va["llm"], dataclasses.replace(tc, seed=seed), mc,
                 train_subsets=d["subset_id"], val_subsets=va["subset_id"], function=objective if on_nll else None)
             key = f"{name} | seed {seed}"
+            best = next((h for h in hist if h["epoch"] == translator.metadata.get("best_epoch")), {})
             preds[key] = translator.translate(te_final["tiny"])
             info[key] = {"variant": name, "seed": seed, "train_seconds": round(time.time() - t0, 1),
                          "best_epoch": translator.metadata.get("best_epoch"), "epochs": len(hist),
                          "selected_on": translator.metadata.get("selected_on"),
-                         "best_val_loss": translator.metadata.get("best_val_loss")}
+                         "best_val_loss": translator.metadata.get("best_val_loss"),
+                         "val_nll": best.get("val_nll"), "val_accuracy": best.get("val_accuracy")}
             print(f"trained {key}: {info[key]}", flush=True)
     for name, b in {"nearest neighbour (k=1)": NearestNeighbour(k=1), "ridge map": RidgeMap(), "mean shadow update": MeanUpdate()}.items():
         preds[name] = b.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(te_final["tiny"])
@@ -136,12 +141,17 @@ def write(out: dict, path: str) -> None:
     n_seen = out["n_test_seen"]
     print(f"{out['n_test_subsets']} test subsets ({n_seen} seen combination, {out['n_test_subsets'] - n_seen} new), "
           f"{out['n_train_subsets']} training subsets, seeds {out['seeds']}, at most {out['max_epochs']} epochs")
-    print("| variant | val answer NLL (chooses) | test accuracy | seen | new | test answer NLL | best epochs | train s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | val answer NLL | val accuracy | test accuracy | seen | new | test answer NLL | best epochs | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, e in out["variants"].items():
-        vals = [r["best_val_loss"] for r in out["runs"].values() if r["variant"] == name and r["selected_on"] == "val_answer_nll"]
+        runs = [r for r in out["runs"].values() if r["variant"] == name and r["selected_on"] != "val_mse"]
+        # runs of older versions of this bench recorded the chosen epoch's val NLL as best_val_loss only
+        vals = [r["val_nll"] if r.get("val_nll") is not None else r["best_val_loss"] for r in runs]
+        accs = [r["val_accuracy"] for r in runs if r.get("val_accuracy") is not None]
         e["val_answer_nll"] = statistics.fmean(vals) if vals else None
+        e["val_accuracy"] = statistics.fmean(accs) if accs else None
         val = f"{e['val_answer_nll']:.3f}" if vals else "-"
+        val += f" | {e['val_accuracy']:.3f}" if accs else " | -"
         spread = f" +- {e['accuracy_std']:.3f}" if len(e["per_seed"]) > 1 else ""
         epochs = "/".join(str(b) for b in e["best_epoch"]) or "-"
         secs = f"{statistics.fmean(e['train_seconds']):.0f}" if e["train_seconds"] else "-"

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from gt_ray.models import LoadedModel
-from gt_ray.tasks import Batch, Example, encode_examples
+from gt_ray.tasks import Batch, Example, answer_token_stats, encode_examples
 
 _SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
 
@@ -184,19 +184,26 @@ class FunctionObjective:
         return self.llm.answer_nll(updates, batch, owner).mean()
 
     @torch.no_grad()
-    def val_nll(self, updates: torch.Tensor, subset_ids: Sequence[int], chunk: int = 16) -> float:
-        """Mean answer NLL over the validation subsets (each subset's examples, all of them)."""
-        total, count = 0.0, 0
+    def val_scores(self, updates: torch.Tensor, subset_ids: Sequence[int], chunk: int = 16) -> dict[str, float]:
+        """Mean answer NLL and exact-match accuracy over the validation subsets (each
+        subset's examples, all of them; each subset counts once)."""
+        totals, count = {"nll": 0.0, "accuracy": 0.0}, 0
         for i in range(0, len(subset_ids), chunk):
             ids = list(subset_ids[i:i + chunk])
             batch, owner = self.val.batch(ids, None, device=updates.device)
-            nll = self.llm.answer_nll(updates[i:i + chunk], batch, owner)
-            # each subset counts once, whatever its number of examples
-            per = torch.zeros(len(ids), device=nll.device).index_add_(0, owner, nll)
-            per = per / torch.bincount(owner, minlength=len(ids)).clamp(min=1)
-            total += float(per.sum())
+            with self.llm.plugged(updates[i:i + chunk], owner):
+                logits = self.llm.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            nll_sum, ntok, exact = answer_token_stats(logits, batch.labels)
+            n_of = torch.bincount(owner, minlength=len(ids)).clamp(min=1)
+            for name, per_example in (("nll", nll_sum / ntok.clamp(min=1)), ("accuracy", exact.float())):
+                per = torch.zeros(len(ids), device=per_example.device).index_add_(0, owner, per_example)
+                totals[name] += float((per / n_of).sum())
             count += len(ids)
-        return total / max(count, 1)
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+    def val_nll(self, updates: torch.Tensor, subset_ids: Sequence[int], chunk: int = 16) -> float:
+        """Mean answer NLL over the validation subsets (see :meth:`val_scores`)."""
+        return self.val_scores(updates, subset_ids, chunk)["nll"]
 
 
 def shadow_objective(corpus, llm: LoadedModel, scale: float, train_ids: Sequence[int], val_ids: Sequence[int],

@@ -241,6 +241,10 @@ class TrainConfig:
     sample_snapshots: bool = False
     """Each epoch takes one random snapshot row per training subset (dense snapshots as
     augmentation) instead of every row."""
+    select_on: str = "nll"
+    """With an LLM at hand: choose epochs on the validation subsets' answer ``nll`` or on
+    their exact-match ``accuracy`` (NLL rewards hedging between answers, exact match
+    rewards committing to one)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -258,6 +262,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrainConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.select_on not in ("nll", "accuracy"):
+            raise ValueError(f"TrainConfig.select_on must be nll or accuracy, got {self.select_on!r}")
         if self.mse_weight < 0:
             raise ValueError(f"TrainConfig.mse_weight must be >= 0, got {self.mse_weight}")
         if self.examples_per_subset < 1:
@@ -776,9 +782,10 @@ class FunctionLoss:
 
 
 @torch.no_grad()
-def evaluate_answer_nll(model: nn.Module, x: torch.Tensor, subset_ids: list[int], normalizer: Normalizer,
-                        objective: Any, batch_size: int = 64) -> float:
-    """Validation answer NLL of the LLM with the decoded updates (what inference produces).
+def evaluate_answer_scores(model: nn.Module, x: torch.Tensor, subset_ids: list[int], normalizer: Normalizer,
+                           objective: Any, batch_size: int = 64) -> dict[str, float]:
+    """Validation answer NLL and exact-match accuracy of the LLM with the decoded updates
+    (what inference produces).
 
     Args:
         model: GradTransformer or a DDP wrapper of one.
@@ -792,7 +799,7 @@ def evaluate_answer_nll(model: nn.Module, x: torch.Tensor, subset_ids: list[int]
     device = next(net.parameters()).device
     raw = torch.cat([normalizer.denormalize_y(net.translate(x[i:i + batch_size].to(device)))
                      for i in range(0, x.shape[0], batch_size)])
-    return objective.val_nll(raw, subset_ids)
+    return objective.val_scores(raw, subset_ids)
 
 
 @dataclass
@@ -963,10 +970,12 @@ def train_translator(
             train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.grad_clip, fn_loss)
             val_tf = evaluate_mse(model, val_loader, autoregressive=False)
             val_ar = evaluate_mse(model, val_loader, autoregressive=True) if cfg.val_autoregressive else math.nan
-            val_nll = math.nan
+            val_nll = val_acc = math.nan
             if function is not None:
-                val_nll = evaluate_answer_nll(model, val_nll_x, val_ids, normalizer, function)
-                val_loss = val_nll
+                scores = evaluate_answer_scores(model, val_nll_x, val_ids, normalizer, function)
+                val_nll, val_acc = scores["nll"], scores["accuracy"]
+                # accuracy is coarse: the NLL, scaled far below one example's worth, breaks ties
+                val_loss = val_nll if cfg.select_on == "nll" else (1 - val_acc) + 1e-4 * val_nll
             else:
                 val_loss = val_ar if cfg.val_autoregressive else val_tf
             history.append(
@@ -975,6 +984,7 @@ def train_translator(
                     "train_loss": train_loss,
                     "val_loss": val_loss,
                     "val_nll": val_nll,
+                    "val_accuracy": val_acc,
                     "val_tf_loss": val_tf,
                     "val_ar_loss": val_ar,
                     "lr": scheduler.get_last_lr()[0],
@@ -1000,7 +1010,7 @@ def train_translator(
     translator = Translator(model_config, core, normalizer.to(device), train_config=cfg)
     best = stopper.best_loss if math.isfinite(stopper.best_loss) else None
     translator.metadata.update({"best_epoch": stopper.best_epoch, "best_val_loss": best,
-                                "selected_on": "val_answer_nll" if function is not None else "val_mse"})
+                                "selected_on": f"val_answer_{cfg.select_on}" if function is not None else "val_mse"})
     return translator.eval(), history
 
 

@@ -105,3 +105,42 @@ def test_translator_trains_on_the_answer_loss_and_selects_on_validation_nll(llm)
     # the kept weights give the recorded best validation NLL (on each subset's last snapshot)
     raw = translator.translate(x[[9, 11]])
     assert objective.val_nll(raw, [4, 5]) == pytest.approx(best["val_nll"], rel=1e-4)
+
+
+def test_validation_accuracy_is_exact_match_of_each_update_on_its_subset(llm):
+    """val_scores' accuracy is the per-subset mean of score_update's exact match."""
+    from gt_ray.evaluate import score_update
+
+    torch.manual_seed(1)
+    updates = torch.randn(2, *llm.layout.shape) * 0.05
+    ex = {3: _examples(2, 7, 1), 8: _examples(4, 5, 2)}
+    objective = FunctionObjective(BatchedLora(llm, 8.0), SubsetExamples(llm.tokenizer, ex), SubsetExamples(llm.tokenizer, ex))
+    got = objective.val_scores(updates, [3, 8])
+    want = [score_update(llm, updates[j], ex[s]) for j, s in enumerate([3, 8])]
+    llm.reset()
+    assert got["accuracy"] == pytest.approx(sum(w.accuracy for w in want) / 2)
+    # score_update's NLL is a token mean over the subset, val_scores' a mean of per-example means
+    assert got["nll"] > 0 and objective.val_nll(updates, [3, 8]) == got["nll"]
+
+
+def test_selecting_epochs_on_validation_accuracy(llm):
+    from gt_ray.translator import TrainConfig, TranslatorConfig, train_translator
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(6).repeat_interleave(2)
+    x = torch.randn(12, 2, 8, generator=g)
+    y = torch.randn(12, *llm.layout.shape, generator=g) * 0.01
+    examples = {i: _examples(i, 12, i) for i in range(6)}
+    objective = FunctionObjective(BatchedLora(llm, 8.0), SubsetExamples(llm.tokenizer, {i: examples[i] for i in range(4)}),
+                                  SubsetExamples(llm.tokenizer, {i: examples[i] for i in (4, 5)}), per_subset=4)
+    cfg = TrainConfig(lr=3e-3, batch_size=4, max_epochs=4, patience=4, objective="function", select_on="accuracy")
+    model_cfg = TranslatorConfig(d_tiny=8, L_tiny=2, d_llm=llm.layout.d_layer, L_llm=llm.layout.n_layers, d_model=16,
+                                 num_layers=1, num_heads=2, d_ff=32, dropout=0.0, decoder="parallel")
+    translator, history = train_translator(x[:8], y[:8], x[8:], y[8:], cfg, model_cfg, train_subsets=ids[:8],
+                                           val_subsets=ids[8:], function=objective)
+    assert translator.metadata["selected_on"] == "val_answer_accuracy"
+    best = min(history, key=lambda h: (-h["val_accuracy"], h["val_nll"]))
+    assert translator.metadata["best_epoch"] == best["epoch"]
+    assert all(h["val_loss"] == pytest.approx(1 - h["val_accuracy"] + 1e-4 * h["val_nll"]) for h in history)
+    with pytest.raises(ValueError, match="select_on must be nll or accuracy"):
+        TrainConfig(select_on="mse")
