@@ -349,9 +349,12 @@ class EvalConfig:
     update and fine-tunes the LLM on them with the ceiling's recipe. ``sequence`` trains on
     the TinyLM's greedy answers, ``logit`` on its next-token distributions (skipped when the
     two models do not share a vocabulary). ``[]`` turns both off."""
+    num_threads: int = 2
+    """torch threads of the evaluation process (1 where the cores are shared: oversubscribed
+    torch threads wait on each other)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "n_orgs", "n_test")
+        _positive(self, "n_orgs", "n_test", "num_threads")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         unknown = [m for m in self.kd if m not in ("sequence", "logit")]

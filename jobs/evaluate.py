@@ -60,7 +60,7 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     """Run the evaluation for every seed; ``translate`` defaults to the local checkpoint
     (the demo passes the Serve endpoint instead, so the service is in the loop)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.eval.num_threads)
     corpus, translator = load_corpus_and_translator(cfg)
     translate = translate or translator.translate
     card = corpus.card()  # from the manifest: works for a corpus at a URI too
