@@ -63,24 +63,13 @@ def main(argv=None) -> None:
 
 
 def write_plots(out: Path, results: dict) -> None:
-    """results.png (accuracy per method, with spread over seeds) and training_curves.png."""
+    """results.png (:func:`jobs.evaluate.write_plot`) and training_curves.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = results["methods"]
-    names = list(methods)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(range(len(names)), [methods[m]["accuracy"] for m in names],
-           yerr=[methods[m]["accuracy_std"] for m in names], color="#4477aa", capsize=3)
-    ax.set_xticks(range(len(names)), [evaluate.LABELS[m] for m in names], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (org-averaged)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{results['n_orgs']} organizations x {len(results['seeds'])} seeds")
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
-    plt.close(fig)
+    evaluate.write_plot(out, results)
     hist_path = train_translator.translator_dir_from(out) / train_translator.HISTORY_FILE
     if hist_path.is_file():
         hist = json.loads(hist_path.read_text())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -85,6 +86,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     write_json(work_dir(cfg) / RESULTS_FILE, out)
+    write_plot(work_dir(cfg), out)
     print(format_results(out))
     return out
 
@@ -303,6 +305,34 @@ def format_results(out: dict) -> str:
         f"nn {o['accuracy']['nearest_neighbour']:.2f} / llm {o['accuracy']['llm_ft']:.2f}"
         for j, o in enumerate(out["per_seed"][out["seeds"][0]]["orgs"])))
     return "\n".join(lines)
+
+
+def write_plot(out_dir, results: dict) -> None:
+    """results.png: accuracy per method over all organizations (with the spread over seeds),
+    and over the seen and new groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    names = [m for m in ORG_METHODS if m in methods] + (["public_ft"] if "public_ft" in results["groups"]["seen"].get("accuracy", {}) else [])
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.27
+    for k, (label, acc) in enumerate((("all", {m: r["accuracy"] for m, r in methods.items()}),
+                                      *((g, results["groups"][key].get("accuracy", {}))
+                                        for g, key in (("seen (the paper's setting)", "seen"), ("new", "unseen"))))):
+        xs = [i + (k - 1) * width for i, m in enumerate(names) if m in acc]
+        err = [methods[m]["accuracy_std"] for m in names if m in acc] if label == "all" else None
+        ax.bar(xs, [acc[m] for m in names if m in acc], width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(names)), [LABELS[m] for m in names], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("accuracy (org-averaged)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{results['n_orgs']} organizations x {len(results['seeds'])} seeds")
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "results.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
