@@ -26,9 +26,14 @@ def _cfg(tmp_path, n):
 
 
 def _train_workers():
+    """This test's Ray Train workers: descendants of this process (the local cluster's
+    raylet is a child of the driver), so other Ray runs on the machine are left alone."""
     out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
         if "RayTrainWorker" in cmd and "run_train_fn" in cmd or cmd.startswith("ray::RayTrainWorker"):
             out.append(p)
     return out
