@@ -134,10 +134,29 @@ class TaskConfig:
     space of datasets (secrets x mixtures) is far larger than any shadow corpus covers."""
     data_files: dict[str, str] | None = None
     """Real data instead of generated tasks: split name (public, private_train,
-    private_test) -> local JSONL or Parquet file with question/answer columns."""
+    private_test) -> local JSONL or Parquet file with question/answer columns. Shadow
+    subsets draw ``finetune.n_examples`` rows of ``public``; organizations draw from the
+    private splits. A question in two splits' files stays only in the split its stable
+    hash names (one file named for several splits is divided by that hash)."""
+    question_column: str = "question"
+    """Column of the data files holding the question (data files only)."""
+    answer_column: str = "answer"
+    """Column of the data files holding the answer (data files only)."""
+    prompt_template: str = "Question: {question}\nAnswer:"
+    """The prompt made of a row's question (a ``{question}`` field; data files only)."""
+    answer_template: str = " {answer}"
+    """The training target made of a row's answer (an ``{answer}`` field; with a chat
+    template its leading whitespace is dropped). The loss covers these tokens and EOS only."""
+    answer: str = "full"
+    """``full``: train on (and exact-match) the whole answer text; ``final``: only the final
+    answer after GSM8K's ``####`` (data files only)."""
+    chat_template: str = "auto"
+    """Data-file prompts go through the tokenizer's chat template as the user's turn:
+    ``auto`` when the tokenizer has one, ``on`` always (an error without one), ``off``
+    never. Each model uses its own tokenizer's template. Generated tasks never use one."""
 
     def __post_init__(self) -> None:
-        from gt_ray.tasks import TASKS, SPLITS  # local import: tasks imports nothing from here
+        from gt_ray.tasks import ANSWER_MODES, CHAT_TEMPLATE_MODES, TASKS, SPLITS  # local import: tasks imports nothing from here
 
         unknown = [n for n in self.names if n not in TASKS]
         if unknown:
@@ -149,6 +168,20 @@ class TaskConfig:
             bad = [s for s in self.data_files if s not in SPLITS]
             if bad:
                 raise ValueError(f"data_files keys must be among {list(SPLITS)}, got {bad}")
+            bad = [f"{s}: {p}" for s, p in self.data_files.items() if not str(p).endswith((".jsonl", ".json", ".parquet"))]
+            if bad:
+                raise ValueError(f"data_files must be .jsonl, .json or .parquet files, got {bad}")
+        if self.answer not in ANSWER_MODES:
+            raise ValueError(f"answer must be one of {list(ANSWER_MODES)}, got {self.answer!r}")
+        if self.chat_template not in CHAT_TEMPLATE_MODES:
+            raise ValueError(f"chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}")
+        for name, key in (("prompt_template", "question"), ("answer_template", "answer")):
+            try:
+                getattr(self, name).format(**{key: "x"})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{name} must use only the field {{{key}}}, got {getattr(self, name)!r} ({e!r})") from None
+            if "{" + key + "}" not in getattr(self, name):
+                raise ValueError(f"{name} must contain {{{key}}}, got {getattr(self, name)!r}")
 
 
 @dataclass

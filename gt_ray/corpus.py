@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gt_ray import storage, tasks
-from gt_ray.config import ExperimentConfig, FinetuneConfig
+from gt_ray.config import ExperimentConfig, FinetuneConfig, TaskConfig, from_dict
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, PairCard
 
@@ -69,24 +69,30 @@ def shard_name(subset_id: int) -> str:
 
 
 def plan_subsets(cfg: ExperimentConfig, n_subsets: int, seed: int) -> list[ShadowSubset]:
-    """Draw ``n_subsets`` shadow subsets (secret k, Dirichlet task mixture, seed) from the public split.
+    """Draw ``n_subsets`` shadow subsets from the public split: generated tasks get a secret
+    k and a Dirichlet task mixture, data files (``tasks.data_files``) a draw of rows of the
+    public file; each gets its own data seed.
 
     Subset ``i`` depends only on (seed, i), so growing the corpus keeps earlier subsets.
     """
     out = []
     for i in range(n_subsets):
         rng = random.Random(f"shadow|{seed}|{i}")
-        spec = tasks.draw_dataset_spec(rng, SHADOW_SPLIT, cfg.tasks.names, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
-                                         cfg.tasks.secret_per_task)
+        if cfg.tasks.data_files:
+            spec = tasks.data_dataset_spec(SHADOW_SPLIT, cfg.finetune.n_examples, rng.randrange(2**31))
+        else:
+            spec = tasks.draw_dataset_spec(rng, SHADOW_SPLIT, cfg.tasks.names, cfg.finetune.n_examples,
+                                           cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
         out.append(ShadowSubset(i, spec))
     return out
 
 
-def shadow_examples(subset: ShadowSubset) -> list[tasks.Example]:
-    """The training examples of a shadow subset (public split, k hidden)."""
+def shadow_examples(subset: ShadowSubset, task_cfg: TaskConfig | None = None) -> list[tasks.Example]:
+    """The training examples of a shadow subset (public split; generated tasks hide k):
+    rows of the public data file when ``task_cfg.data_files`` is set."""
     if subset.spec.split not in tasks.PUBLIC_SPLITS:  # checked again where data is made
         raise ValueError(f"refusing to draw shadow data from split {subset.spec.split!r}")
-    return tasks.generate_dataset(subset.spec)
+    return tasks.dataset_examples(subset.spec, task_cfg)
 
 
 def corpus_schema(card: PairCard) -> pa.Schema:
@@ -104,14 +110,18 @@ def corpus_schema(card: PairCard) -> pa.Schema:
     ], metadata={"gt_ray": json.dumps(meta, sort_keys=True)})
 
 
-def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft: FinetuneConfig) -> list[dict[str, Any]]:
+def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft: FinetuneConfig,
+                  task_cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
     """Fine-tune both models from the card's init on one shadow subset.
 
-    Both see the same examples in the same order (one train seed). Returns one row per
-    snapshot step with both update vectors (flattened float32 numpy arrays sharing the
-    snapshots' memory).
+    Both see the same examples in the same order (one train seed), each through its own
+    tokenizer (and chat template, for data files). Returns one row per snapshot step with
+    both update vectors (flattened float32 numpy arrays sharing the snapshots' memory).
+
+    Args:
+        task_cfg: the task world (``cfg.tasks``); ``None`` is the generated world.
     """
-    examples = shadow_examples(subset)
+    examples = shadow_examples(subset, task_cfg)
     train_seed = subset.spec.seed ^ 0x5EED
     res_t = finetune(tiny, examples, ft, seed=train_seed)
     res_l = finetune(llm, examples, ft, seed=train_seed)
@@ -359,6 +369,11 @@ class Corpus:
                 out[r["subset_id"]] = tasks.DatasetSpec(SHADOW_SPLIT, r["secret_k"], json.loads(r["mixture"]), r["n_examples"],
                                                         r["data_seed"], json.loads(r["secrets"]))
         return out
+
+    def task_config(self) -> TaskConfig:
+        """The task world the corpus was built in (from the manifest's config): where a
+        subset's examples come from (:func:`gt_ray.tasks.dataset_examples`)."""
+        return from_dict(TaskConfig, dict(self.manifest.get("config", {}).get("tasks") or {}), "manifest config.tasks")
 
     def card(self) -> PairCard:
         """The pair card the corpus was built for (stored in the manifest; works for any URI)."""

@@ -220,10 +220,12 @@ def shadow_objective(corpus, llm: LoadedModel, scale: float, train_ids: Sequence
     """
     import dataclasses
 
-    from gt_ray.tasks import generate_dataset
+    from gt_ray.tasks import dataset_examples
 
     specs = corpus.subset_specs()
-    train = SubsetExamples(llm.tokenizer, {i: generate_dataset(specs[i]) for i in train_ids})
-    val = SubsetExamples(llm.tokenizer, {i: generate_dataset(dataclasses.replace(specs[i], seed=specs[i].seed + 1), n=n_val)
+    world = corpus.task_config()  # generated tasks, or the corpus' data files
+    train = SubsetExamples(llm.tokenizer, {i: dataset_examples(specs[i], world) for i in train_ids})
+    val = SubsetExamples(llm.tokenizer, {i: dataset_examples(dataclasses.replace(specs[i], seed=specs[i].seed + 1), world,
+                                                             n=n_val)
                                          for i in val_ids})
     return FunctionObjective(BatchedLora(llm, scale), train, val, per_subset)

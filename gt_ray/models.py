@@ -228,10 +228,15 @@ RECIPE_KEYS = ("steps", "lr", "batch_size", "weight_decay", "dtype")
 
 
 def recipe_of(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The fine-tune recipe of ``cfg``'s shadow corpus, as recorded in the pair card."""
+    """The fine-tune recipe of ``cfg``'s shadow corpus, as recorded in the pair card; with
+    ``tasks.data_files`` also its ``data_format`` (:func:`gt_ray.tasks.data_format`: columns,
+    templates, answer mode, chat template), which organizations use for their own files."""
     ft = cfg.finetune
-    return {"steps": ft.steps, "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay,
-            "n_examples": ft.n_examples, "snapshot_steps": list(ft.snapshot_steps), "dtype": cfg.pair.tiny.dtype}
+    recipe = {"steps": ft.steps, "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay,
+              "n_examples": ft.n_examples, "snapshot_steps": list(ft.snapshot_steps), "dtype": cfg.pair.tiny.dtype}
+    if cfg.tasks.data_files:  # only then: cards of the generated world keep their ids
+        recipe["data_format"] = tasks_mod.data_format(cfg.tasks)
+    return recipe
 
 
 def recipe_fingerprint(recipe: dict[str, Any]) -> str:

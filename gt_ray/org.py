@@ -1,4 +1,5 @@
-"""The organization side: a private LoRA fine-tune of the card's TinyLM, and its upload.
+"""The organization side: a private LoRA fine-tune of the card's TinyLM, its upload, and a
+check of the round's adapter on the organization's own test data.
 
 What an organization runs on its own machine. No Ray and no provider code: the private
 data never leaves this process, only the update vector file does.
@@ -11,11 +12,21 @@ data never leaves this process, only the update vector file does.
         [--round R --org-id ORG] [--seed S]
     gt-ray org submit --endpoint https://provider.example --token-file token.txt \\
         --round R --org-id ORG [--idempotency-key K] [--max-attempts 5] vector.safetensors
+    gt-ray org evaluate --card pair_card.json --adapter r1-adapter.zip --data test.jsonl \
+        [--model-path DIR] [--dtype bfloat16] [--batch-size 8] [--device cuda]
+
+``evaluate`` prints two lines, the LLM alone and the LLM with the adapter (exact-match
+accuracy and mean answer-token NLL on the test file): how an organization decides whether
+to use the round's update. It needs the card (which LLM, which data format) and nothing
+else of the provider's.
 
 Data
 ----
 ``--data`` is a local ``.jsonl``/``.parquet`` file with ``question``/``answer`` columns
-(:func:`gt_ray.tasks.load_examples`), or, at the tiny scale, a generated dataset::
+(:func:`gt_ray.tasks.load_examples`; a card built from data files names the columns,
+prompt and answer templates and chat-template mode of its corpus in
+``recipe["data_format"]``, and the organization's rows are read the same way), or, at the
+tiny scale, a generated dataset::
 
     generated:k=3,mix=caesar:0.5/add:0.5[,split=private_train][,n=256][,seed=0]
 
@@ -222,12 +233,15 @@ def _spec_int(text: str, key: str, value: str) -> int:
         raise ValueError(f"generated data spec {text!r}: {key} must be an integer, got {value!r}") from None
 
 
-def load_org_examples(source: str) -> tuple[list[tasks.Example], dict[str, Any]]:
-    """Load an organization's training data from a file or a generated-data spec.
+def load_org_examples(source: str, data_format: dict[str, Any] | None = None) -> tuple[list[tasks.Example], dict[str, Any]]:
+    """Load an organization's data from a file or a generated-data spec.
 
     Args:
         source: a ``.jsonl``/``.json``/``.parquet`` path, or ``generated:SPEC`` (see the
             module docstring).
+        data_format: how file rows become examples (:func:`gt_ray.tasks.data_format`, the
+            pair card's ``recipe["data_format"]``, so the organization's prompts match the
+            corpus'); ``None``: :func:`gt_ray.tasks.load_examples`' defaults.
 
     Returns:
         ``(examples, description)``: the description says what kind of data it was and
@@ -242,8 +256,16 @@ def load_org_examples(source: str) -> tuple[list[tasks.Example], dict[str, Any]]
         spec = parse_generated_spec(source)
         return tasks.generate_dataset(spec), {"kind": "generated", "split": spec.split}
     path = Path(source).expanduser()
-    examples = tasks.load_examples(path)
+    examples = tasks.load_examples(path, **(data_format or {}))
     return examples, {"kind": "file", "format": path.suffix.lstrip(".")}
+
+
+def card_data_format(card: PairCard | str | Path) -> dict[str, Any] | None:
+    """The card's ``recipe["data_format"]`` (a card built from data files has one), read
+    from a card object or, without importing the model stack, from its JSON file."""
+    recipe = card.recipe if hasattr(card, "recipe") else _card_recipe(str(card))
+    fmt = (recipe or {}).get("data_format")
+    return dict(fmt) if isinstance(fmt, dict) else None
 
 
 # ------------------------------------------------------------------------- fine-tune
@@ -305,7 +327,7 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
         raise ValueError(f"{out} is a directory: give the file name of the vector to write")
     use_dp = dp is not None and dp.enabled
 
-    examples, data_desc = load_org_examples(data)
+    examples, data_desc = load_org_examples(data, card_data_format(card))
     n = len(examples)
     if use_dp and dp.delta >= 1.0 / n:
         raise ValueError(f"DP-SGD delta={dp.delta:g} must be below 1/n_examples={1.0 / n:.3g} "
@@ -476,6 +498,137 @@ def check_id(name: str, value: str) -> str:
         raise ValueError(f"{name} must be 1-128 characters of letters, digits, '.', '_' or '-' "
                          f"(starting with a letter or digit), got {value!r}")
     return value
+
+
+# -------------------------------------------------------------------------- evaluate
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""What a PEFT adapter directory (and the service's adapter zip) holds."""
+
+
+def unpack_adapter(adapter: str | Path, into: str | Path) -> Path:
+    """The directory of a PEFT adapter given as a directory or as the service's zip
+    (extracted into ``into``; only its flat, known file names are read).
+
+    Raises:
+        ValueError: missing, not a directory or zip, or without the adapter's files.
+    """
+    src = Path(adapter).expanduser()
+    if src.is_dir():
+        directory = src
+    elif src.is_file():
+        import zipfile
+
+        directory = Path(into)
+        try:
+            with zipfile.ZipFile(src) as z:
+                for name in ADAPTER_FILES:
+                    if name in z.namelist():
+                        (directory / name).write_bytes(z.read(name))
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+            raise ValueError(f"adapter {src}: not a readable zip file ({e}); give the zip from "
+                             "/v1/rounds/R/adapter or its unpacked directory") from None
+    else:
+        raise ValueError(f"adapter not found: {src}")
+    missing = [n for n in ADAPTER_FILES if not (directory / n).is_file()]
+    if missing:
+        raise ValueError(f"adapter {src}: not a PEFT adapter ({', '.join(missing)} missing)")
+    return directory
+
+
+def _adapter_tensors(directory: Path, src: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(directory / ADAPTER_FILES[1]))
+    except Exception as e:  # safetensors raises its own error types for a bad file
+        raise ValueError(f"adapter {src}: {ADAPTER_FILES[1]} is not a readable safetensors file ({e})") from None
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t.float()).all()]
+    if bad:
+        raise ValueError(f"adapter {src}: non-finite values in {bad[:3]}")
+    return tensors
+
+
+def evaluate_adapter(card: PairCard | str | Path, adapter: str | Path, data: str, *, model_path: str | Path | None = None,
+                     dtype: str = "float32", batch_size: int = 8, device: str | None = None) -> dict[str, Any]:
+    """Score the card's LLM with a round's adapter against the LLM alone on the
+    organization's own test data (exact match and answer NLL, teacher-forced: see
+    :func:`gt_ray.tasks.answer_token_stats`).
+
+    Only the card is needed from the provider: it names the LLM (its weights' sha256, so a
+    local copy at ``model_path`` is checked) and the data format of its corpus (the test
+    file's rows become prompts as the corpus' did).
+
+    Args:
+        card: the pair card, or the path of its JSON file.
+        adapter: the round's adapter, a directory or the service's zip.
+        data: a test ``.jsonl``/``.parquet`` file, or ``generated:SPEC``.
+        model_path: local directory of the card's LLM (default: the card's path).
+        dtype: weights dtype (float32, bfloat16, float16).
+        batch_size: examples per forward pass.
+        device: torch device (default: CUDA when available, else the CPU).
+
+    Returns:
+        ``{"llm": Scores, "llm+adapter": Scores, "n_examples": int, "card_id": str}``.
+
+    Raises:
+        ValueError: bad or empty data, a missing model, weights that are not the card's
+            LLM, a missing or corrupt adapter, or an adapter that does not fit the LLM.
+    """
+    import tempfile
+
+    from gt_ray.models import DTYPES, PairCard, load_model, weights_sha256
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    examples, _ = load_org_examples(data, card_data_format(card))  # cheap checks first
+    if not isinstance(card, PairCard):
+        card = PairCard.load(card)
+    path = Path(model_path if model_path is not None else card.llm.path).expanduser()
+    if not (path / "config.json").is_file():
+        hint = "" if model_path is not None else " (the path in the card; pass --model-path for a local copy)"
+        raise ValueError(f"no Hugging Face model directory at {path}{hint}")
+    if weights_sha256(path) != card.llm.weights_sha256:
+        raise ValueError(f"the model at {path} is not pair card {card.card_id}'s LLM (weights sha256 differs)")
+    with tempfile.TemporaryDirectory(prefix="gt-ray-adapter-") as tmp:
+        directory = unpack_adapter(adapter, tmp)
+        tensors = _adapter_tensors(directory, adapter)
+        try:
+            config = json.loads((directory / ADAPTER_FILES[0]).read_text())
+        except (ValueError, OSError) as e:
+            raise ValueError(f"adapter {adapter}: {ADAPTER_FILES[0]} is not valid JSON ({e})") from None
+        from peft import LoraConfig, get_peft_model
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        try:
+            lora = LoraConfig.from_pretrained(str(directory))
+        except Exception as e:  # peft raises TypeError/ValueError/KeyError for a foreign config
+            raise ValueError(f"adapter {adapter}: {ADAPTER_FILES[0]} is not a LoRA config ({e})") from None
+        model, tokenizer = load_model(path, dtype)
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM ({e})") from None
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != got:
+            diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+            raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM: "
+                             f"{len(diff)} LoRA tensor(s) differ in name or shape, e.g. {diff[0]} "
+                             f"(adapter r={config.get('r')}, target_modules={config.get('target_modules')})")
+        set_peft_model_state_dict(peft_model, tensors)
+    from gt_ray.evaluate import score
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peft_model.to(dev).eval()
+
+    def logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return peft_model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
+
+    with peft_model.disable_adapter():
+        base = score(logits, tokenizer, examples, batch_size)
+    adapted = score(logits, tokenizer, examples, batch_size)
+    return {"llm": base, "llm+adapter": adapted, "n_examples": len(examples), "card_id": card.card_id}
 
 
 # ---------------------------------------------------------------------------- submit
@@ -668,9 +821,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gt-ray org`` argument parser (``finetune`` and ``submit``)."""
+    """The ``gt-ray org`` argument parser (``finetune``, ``evaluate`` and ``submit``)."""
     parser = _Parser(prog="gt-ray org", description="An organization's private fine-tune and its upload.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{finetune,submit}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{finetune,evaluate,submit}")
 
     f = sub.add_parser("finetune", help="fine-tune the card's TinyLM on private data, write the update vector",
                        description="Fine-tune the card's TinyLM on private data and write the update vector.")
@@ -703,6 +856,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps-budget", type=_positive_float, metavar="E", help="total epsilon the organization may spend")
     g.add_argument("--delta-budget", type=_nonneg_float, metavar="D", help="total delta (required for gaussian)")
     f.set_defaults(func=_cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="score the LLM with a round's adapter against the LLM alone on your test data",
+                       description="Score the card's LLM with a round's adapter against the LLM alone on the "
+                                   "organization's own test data: exact-match accuracy and answer NLL, one line each.")
+    e.add_argument("--card", required=True, metavar="CARD.json", help="the provider's pair card JSON")
+    e.add_argument("--adapter", required=True, metavar="DIR|ZIP", help="the round's adapter: the zip from "
+                   "/v1/rounds/R/adapter or its unpacked directory")
+    e.add_argument("--data", required=True, metavar="FILE|generated:SPEC", help="private test .jsonl/.parquet file")
+    e.add_argument("--model-path", metavar="DIR", help="local directory of the card's LLM (default: the card's path)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype (default float32)")
+    e.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="examples per forward pass (default 8)")
+    e.add_argument("--device", metavar="DEV", help="torch device (default: cuda when available, else cpu)")
+    e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("submit", help="send an update vector to the provider, with retries",
                        description="Send an update vector to the provider (idempotent, retried).")
@@ -787,6 +954,16 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         if value is None:
             continue
         print(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    t0 = time.time()
+    out = evaluate_adapter(args.card, args.adapter, args.data, model_path=args.model_path, dtype=args.dtype,
+                           batch_size=args.batch_size, device=args.device)
+    for name in ("llm", "llm+adapter"):
+        s = out[name]
+        print(f"model={name} accuracy={s.accuracy:.4f} answer_nll={s.nll:.4f} n_examples={s.n}")
+    logger.info("card %s, %.1f s", out["card_id"], time.time() - t0)
 
 
 def _card_recipe(card_path: str) -> dict[str, Any] | None:

@@ -9,6 +9,13 @@ a LoRA update has to learn the secret, and the translator has to carry it over.
 Inputs are split into disjoint pools by a stable hash of (task, input): ``public`` for the
 provider (pretraining and shadow corpus), ``private_train`` and ``private_test`` for the
 organizations. A pool never yields an input of another pool, at any sample size.
+
+Real data (``tasks.data_files``): question/answer rows from local JSONL or Parquet files,
+one file per split. A dataset is a seeded draw of rows from its split's pool
+(:func:`data_pool`); a question found in the files of two splits is kept only in the split
+its stable hash names (:func:`input_split`), so pools stay disjoint, and one file named
+for several splits is divided by that hash. Prompts may go through the tokenizer's chat
+template (``Example.chat_template``, applied by :func:`encode_examples`).
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ import logging
 import random
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from gt_ray.config import TaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +58,28 @@ WORLD_VERSION = 2
 2: ``add`` takes 3-digit inputs (900 of them; 2-digit ones left only 59 public inputs)."""
 MIN_WEIGHT = 0.1
 """A task with at least this mixture weight is part of a dataset's combination."""
+DATA_TASK = "data"
+"""The task name of datasets drawn from ``tasks.data_files`` (their mixture is ``{DATA_TASK: 1}``)."""
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+"""``Example.chat_template``: use the tokenizer's chat template if it has one, always
+(an error without one), or never."""
+ANSWER_MODES = ("full", "final")
+"""``tasks.answer``: train on the whole answer text, or on the final answer after ``####``."""
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt/answer pair. ``answer`` is the training target and what exact match checks."""
+    """One prompt/answer pair. ``answer`` is the training target and what exact match checks.
+
+    With ``chat_template`` ``auto`` or ``on``, :func:`encode_examples` puts ``prompt`` into
+    the tokenizer's chat template as the user's turn (the answer is the assistant's, its
+    leading whitespace dropped); ``off`` (generated tasks) tokenizes the prompt as is.
+    """
 
     prompt: str
     answer: str
     task: str
+    chat_template: str = "off"
 
 
 @dataclass(frozen=True)
@@ -215,35 +239,15 @@ def final_answer(answer: str) -> str:
     return m.group(1).replace(",", "") if m else answer.strip()
 
 
-def load_examples(path: str | Path, question_key: str = "question", answer_key: str = "answer",
-                  template: str = "Question: {question}\nAnswer:", final_only: bool = False) -> list[Example]:
-    """Load question/answer rows from a local JSONL or Parquet file.
-
-    Args:
-        path: a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file.
-        question_key, answer_key: column names.
-        template: prompt template with a ``{question}`` field.
-        final_only: train on the final answer only (text after ``####``) instead of the
-            whole solution.
-
-    Returns:
-        Examples with ``answer`` = " " + answer text (the tokenizer's EOS is appended at
-        encoding time).
-
-    Raises:
-        ValueError: if the file is missing, unreadable, or lacks the columns.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"data file not found: {p}")
+def _read_table_rows(p: Path) -> list[dict]:
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(p).to_pylist()
+            return pq.read_table(p).to_pylist()
         except Exception as e:  # pyarrow raises several types for a bad file
             raise ValueError(f"{p}: not a readable Parquet file ({e})") from None
-    elif p.suffix in (".jsonl", ".json"):
+    if p.suffix in (".jsonl", ".json"):
         rows = []
         for i, line in enumerate(p.read_text().splitlines(), 1):
             if not line.strip():
@@ -252,18 +256,145 @@ def load_examples(path: str | Path, question_key: str = "question", answer_key: 
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-    else:
-        raise ValueError(f"{p}: unsupported data file type {p.suffix!r} (use .jsonl or .parquet)")
+        return rows
+    raise ValueError(f"{p}: unsupported data file type {p.suffix!r} (use .jsonl or .parquet)")
+
+
+@lru_cache(maxsize=16)
+def _cached_qa_rows(path: str, mtime_ns: int, size: int, question_key: str,
+                    answer_key: str) -> tuple[tuple[str, str], ...]:
+    p = Path(path)
+    rows = _read_table_rows(p)
     if not rows:
         raise ValueError(f"{p}: no rows")
     out = []
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or question_key not in row or answer_key not in row:
             raise ValueError(f"{p}: row {i} lacks '{question_key}' or '{answer_key}'")
-        ans = str(row[answer_key])
-        ans = final_answer(ans) if final_only else ans
-        out.append(Example(prompt=template.format(question=row[question_key]), answer=" " + ans, task=p.stem))
-    return out
+        out.append((str(row[question_key]), str(row[answer_key])))
+    return tuple(out)
+
+
+def read_qa_rows(path: str | Path, question_key: str = "question", answer_key: str = "answer") -> tuple[tuple[str, str], ...]:
+    """The (question, answer) rows of a local JSONL or Parquet file, in file order
+    (cached per file version, so workers read a file once per process).
+
+    Raises:
+        ValueError: if the file is missing, unreadable, empty, or lacks the columns.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"data file not found: {p}")
+    st = p.stat()
+    return _cached_qa_rows(str(p.resolve()), st.st_mtime_ns, st.st_size, question_key, answer_key)
+
+
+def make_data_example(question: str, answer: str, *, template: str = "Question: {question}\nAnswer:",
+                      answer_template: str = " {answer}", final_only: bool = False, chat_template: str = "off",
+                      task: str = DATA_TASK) -> Example:
+    """One example of a data file row: ``template`` makes the prompt, ``answer_template``
+    the answer (the final answer after ``####`` only with ``final_only``)."""
+    ans = final_answer(answer) if final_only else answer
+    return Example(prompt=template.format(question=question), answer=answer_template.format(answer=ans), task=task,
+                   chat_template=chat_template)
+
+
+def load_examples(path: str | Path, question_key: str = "question", answer_key: str = "answer",
+                  template: str = "Question: {question}\nAnswer:", final_only: bool = False,
+                  answer_template: str = " {answer}", chat_template: str = "off") -> list[Example]:
+    """Load question/answer rows from a local JSONL or Parquet file.
+
+    Args:
+        path: a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` file.
+        question_key, answer_key: column names.
+        template: prompt template with a ``{question}`` field.
+        final_only: train on the final answer only (text after ``####``) instead of the
+            whole solution.
+        answer_template: answer template with an ``{answer}`` field (default: the answer
+            after one space).
+        chat_template: ``Example.chat_template`` of every example.
+
+    Returns:
+        Examples in file order (the tokenizer's EOS is appended at encoding time).
+
+    Raises:
+        ValueError: if the file is missing, unreadable, or lacks the columns.
+    """
+    return [make_data_example(q, a, template=template, answer_template=answer_template, final_only=final_only,
+                              chat_template=chat_template, task=Path(path).stem)
+            for q, a in read_qa_rows(path, question_key, answer_key)]
+
+
+def data_format(cfg: TaskConfig) -> dict[str, Any]:
+    """How ``cfg`` turns data file rows into examples: the keyword arguments of
+    :func:`load_examples` (what the pair card records, so organizations match the corpus)."""
+    return {"question_key": cfg.question_column, "answer_key": cfg.answer_column, "template": cfg.prompt_template,
+            "answer_template": cfg.answer_template, "final_only": cfg.answer == "final",
+            "chat_template": cfg.chat_template}
+
+
+def data_pool(cfg: TaskConfig, split: str) -> list[tuple[str, str]]:
+    """The (question, answer) rows of ``split`` from ``cfg.data_files``.
+
+    A question that also occurs in the file of another split is kept only if its stable
+    hash (:func:`input_split`) names ``split``; so one file named for several splits is
+    divided by the hash, and separate files never share a question across splits.
+
+    Raises:
+        ValueError: no file for ``split``, a bad file, or no row left.
+    """
+    files = cfg.data_files or {}
+    if split not in files:
+        raise ValueError(f"tasks.data_files has no {split!r} file (it names {sorted(files)})")
+    fmt = (cfg.question_column, cfg.answer_column)
+    elsewhere: set[str] = set()
+    for other, path in files.items():
+        if other != split:
+            elsewhere.update(q for q, _ in read_qa_rows(path, *fmt))
+    pool = [(q, a) for q, a in read_qa_rows(files[split], *fmt)
+            if q not in elsewhere or input_split(DATA_TASK, q) == split]
+    if not pool:
+        raise ValueError(f"tasks.data_files[{split!r}] ({files[split]}): no row left for split {split!r} "
+                         "(every question also lies in another split's file and hashes elsewhere)")
+    return pool
+
+
+def data_dataset_spec(split: str, n: int, seed: int) -> DatasetSpec:
+    """The spec of a dataset drawn from the data files: no secret, one task (:data:`DATA_TASK`)."""
+    return DatasetSpec(split=split, secret_k=0, mixture={DATA_TASK: 1.0}, n=n, seed=seed)
+
+
+def draw_data_examples(cfg: TaskConfig, spec: DatasetSpec, split: str | None = None, n: int | None = None) -> list[Example]:
+    """``n`` (default ``spec.n``) distinct rows of the split's pool, drawn by ``spec.seed``.
+
+    Raises:
+        ValueError: if the pool has fewer than ``n`` rows (see :func:`data_pool`).
+    """
+    split = split or spec.split
+    n = spec.n if n is None else n
+    pool = data_pool(cfg, split)
+    if n > len(pool):
+        raise ValueError(f"tasks.data_files[{split!r}] ({cfg.data_files[split]}) has {len(pool)} usable rows, "
+                         f"fewer than the {n} a dataset needs (finetune.n_examples or eval.n_test)")
+    rows = random.Random(f"{spec.seed}|{split}").sample(pool, n)
+    fmt = data_format(cfg)
+    return [make_data_example(q, a, template=fmt["template"], answer_template=fmt["answer_template"],
+                              final_only=fmt["final_only"], chat_template=fmt["chat_template"]) for q, a in rows]
+
+
+def dataset_examples(spec: DatasetSpec, cfg: TaskConfig | None = None, split: str | None = None,
+                     n: int | None = None) -> list[Example]:
+    """The examples of a dataset in ``cfg``'s task world: rows of the data files when
+    ``cfg.data_files`` is set, else :func:`generate_dataset` (k hidden).
+
+    Args:
+        spec: the dataset (its split, size, seed; mixture and secrets for generated tasks).
+        cfg: the task config (``None``: the generated world).
+        split, n: draw from this split / this many instead of the spec's.
+    """
+    if cfg is not None and cfg.data_files:
+        return draw_data_examples(cfg, spec, split, n)
+    return generate_dataset(spec, split=split, n=n)
 
 
 # ------------------------------------------------------------------------- batching
@@ -289,8 +420,8 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int | No
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     seqs, labs = [], []
     for ex in examples:
-        p = tokenizer(ex.prompt, add_special_tokens=False).input_ids
-        a = tokenizer(ex.answer, add_special_tokens=False).input_ids
+        p, chat = _prompt_ids(tokenizer, ex)
+        a = tokenizer(ex.answer.lstrip() if chat else ex.answer, add_special_tokens=False).input_ids
         if eos is not None and (not a or a[-1] != eos):
             a = a + [eos]
         seqs.append(p + a)
@@ -306,6 +437,22 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int | No
         mask[i, : len(s)] = 1
         labels[i, : len(l)] = torch.tensor(l)
     return Batch(ids, mask, labels)
+
+
+def _prompt_ids(tokenizer, ex: Example) -> tuple[list[int], bool]:
+    """The prompt's token ids, through the chat template when the example asks for it and
+    the tokenizer has one; and whether it did."""
+    if ex.chat_template != "off":
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=True,
+                                                add_generation_prompt=True)
+            if hasattr(ids, "keys"):  # transformers returns a BatchEncoding unless return_dict=False
+                ids = ids["input_ids"]
+            return list(ids), True
+        if ex.chat_template == "on":
+            raise ValueError("tasks.chat_template is 'on' but the tokenizer has no chat template "
+                             "(use 'auto' to fall back to the plain prompt, or 'off')")
+    return tokenizer(ex.prompt, add_special_tokens=False).input_ids, False
 
 
 def answer_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, from_dict
 from gt_ray.corpus import (Corpus, completed_subsets, corpus_schema, corpus_stats, finetune_pair, plan_subsets,
-                           subset_config, write_manifest, write_shard)
+                           shadow_examples, subset_config, write_manifest, write_shard)
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
 from jobs.prepare_pair import load_or_prepare_card
@@ -53,7 +53,7 @@ def corpus_worker(config: dict) -> None:
         schema = corpus_schema(card)
         t0 = time.time()
         for i, subset in enumerate(todo, 1):
-            write_shard(out, subset.subset_id, finetune_pair(tiny, llm, subset, cfg.finetune), schema)
+            write_shard(out, subset.subset_id, finetune_pair(tiny, llm, subset, cfg.finetune, cfg.tasks), schema)
             print(f"corpus_worker rank={rank} subset={subset.subset_id} done={i}/{len(todo)} "
                   f"s_per_subset={(time.time() - t0) / i:.2f}", flush=True)
     ray.train.report({"rank": rank, "written": len(todo)})  # a barrier: every rank reports once
@@ -64,6 +64,7 @@ def corpus_worker(config: dict) -> None:
 def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> dict:
     """Run the Ray Train job until every subset has a shard, then write the manifest."""
     out = storage.absolute(cfg.corpus_dir)
+    check_data_files(cfg)
     try:
         storage.makedirs(out)
     except (ValueError, OSError) as e:
@@ -103,6 +104,16 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
     return manifest
 
 
+def check_data_files(cfg: ExperimentConfig) -> None:
+    """With ``tasks.data_files``, draw the first subset's examples here, so a bad file or
+    too few public rows is one error line from the driver, not a worker's traceback."""
+    if cfg.tasks.data_files:
+        try:
+            shadow_examples(plan_subsets(cfg, 1, cfg.corpus.seed)[0], cfg.tasks)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+
 def _progress(out: str, total: int, before: int, rows_per_subset: int, stop: threading.Event, every: float = 10.0) -> None:
     t0 = time.time()
     while not stop.wait(every):
@@ -125,6 +136,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.action == "build":
+        check_data_files(cfg)  # before the pair is prepared (that may take long)
         build(cfg, load_or_prepare_card(cfg), args.address)
     else:
         stats = corpus_stats(load_corpus(cfg))

@@ -57,11 +57,12 @@ def held_out(cfg: ExperimentConfig, corpus: Corpus, n_test: int = N_TEST):
     tr = corpus.load(train_ids)
     te_final = final_rows(corpus.load(test_ids))
     specs = corpus.subset_specs()
+    world = corpus.task_config()  # generated tasks, or the corpus' data files
     seen_combos = {specs[i].combination() for i in train_ids}
     tests, seen = [], []
     for sid in te_final["subset_id"].tolist():
         spec = specs[sid]  # the subset's own task (secrets, mixture) on inputs no shadow fine-tune saw
-        tests.append(tasks.generate_dataset(dataclasses.replace(spec, split="private_test"), n=n_test))
+        tests.append(tasks.dataset_examples(dataclasses.replace(spec, split="private_test"), world, n=n_test))
         seen.append(spec.combination() in seen_combos)
     lora = LoraSpec(**card.lora)
     return tr, te_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, test_ids, seen

@@ -38,7 +38,7 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
-from jobs.common import base_parser, kv, load_config, work_dir, write_json
+from jobs.common import UserError, base_parser, kv, load_config, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
@@ -61,6 +61,9 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     """Run the evaluation for every seed; ``translate`` defaults to the local checkpoint
     (the demo passes the Serve endpoint instead, so the service is in the loop)."""
+    if cfg.tasks.data_files:
+        raise UserError("gt-ray eval simulates organizations on the generated tasks only, and tasks.data_files is set: "
+                        "an organization scores a round's adapter on its own test file with `gt-ray org evaluate`")
     torch.set_num_threads(cfg.eval.num_threads)
     corpus, translator = load_corpus_and_translator(cfg)
     translate = translate or translator.translate
