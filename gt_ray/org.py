@@ -584,39 +584,37 @@ def evaluate_adapter(card: PairCard | str | Path, adapter: str | Path, data: str
     examples, _ = load_org_examples(data, card_data_format(card))  # cheap checks first
     if not isinstance(card, PairCard):
         card = PairCard.load(card)
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    with tempfile.TemporaryDirectory(prefix="gt-ray-adapter-") as tmp:  # the adapter first: cheap to check
+        directory = unpack_adapter(adapter, tmp)
+        tensors = _adapter_tensors(directory, adapter)
+        try:
+            config = json.loads((directory / ADAPTER_FILES[0]).read_text())
+            lora = LoraConfig.from_pretrained(str(directory))
+        except Exception as e:  # json and peft raise several types for a foreign config
+            raise ValueError(f"adapter {adapter}: {ADAPTER_FILES[0]} is not a LoRA adapter config ({e})") from None
     path = Path(model_path if model_path is not None else card.llm.path).expanduser()
     if not (path / "config.json").is_file():
         hint = "" if model_path is not None else " (the path in the card; pass --model-path for a local copy)"
         raise ValueError(f"no Hugging Face model directory at {path}{hint}")
     if weights_sha256(path) != card.llm.weights_sha256:
         raise ValueError(f"the model at {path} is not pair card {card.card_id}'s LLM (weights sha256 differs)")
-    with tempfile.TemporaryDirectory(prefix="gt-ray-adapter-") as tmp:
-        directory = unpack_adapter(adapter, tmp)
-        tensors = _adapter_tensors(directory, adapter)
-        try:
-            config = json.loads((directory / ADAPTER_FILES[0]).read_text())
-        except (ValueError, OSError) as e:
-            raise ValueError(f"adapter {adapter}: {ADAPTER_FILES[0]} is not valid JSON ({e})") from None
-        from peft import LoraConfig, get_peft_model
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-        try:
-            lora = LoraConfig.from_pretrained(str(directory))
-        except Exception as e:  # peft raises TypeError/ValueError/KeyError for a foreign config
-            raise ValueError(f"adapter {adapter}: {ADAPTER_FILES[0]} is not a LoRA config ({e})") from None
-        model, tokenizer = load_model(path, dtype)
-        try:
-            peft_model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM ({e})") from None
-        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if expected != got:
-            diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
-            raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM: "
-                             f"{len(diff)} LoRA tensor(s) differ in name or shape, e.g. {diff[0]} "
-                             f"(adapter r={config.get('r')}, target_modules={config.get('target_modules')})")
-        set_peft_model_state_dict(peft_model, tensors)
+    model, tokenizer = load_model(path, dtype)
+    lora.base_model_name_or_path = str(path)  # the organization's copy of the card's LLM (checked above)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+        raise ValueError(f"adapter {adapter} does not fit pair card {card.card_id}'s LLM: "
+                         f"{len(diff)} LoRA tensor(s) differ in name or shape, e.g. {diff[0]} "
+                         f"(adapter r={config.get('r')}, target_modules={config.get('target_modules')})")
+    set_peft_model_state_dict(peft_model, tensors)
     from gt_ray.evaluate import score
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
