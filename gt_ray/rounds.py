@@ -92,6 +92,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from gt_ray import storage
 from gt_ray.aggregate import AGGREGATION_RULES, add_gaussian_noise, aggregate, mean_sensitivity, stack_lora_factors
 from gt_ray.org import check_id
 from gt_ray.privacy import UNIT_OF_PRIVACY, analytic_gaussian_sigma, clip_l2
@@ -472,16 +473,17 @@ def check_update_content(update: torch.Tensor, bound: NormBound | None = None) -
                          f"only a round with rule {' or '.join(ROBUST_RULES)} and accept_outliers takes it")
 
 
-def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> Path:
+def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> str | Path:
     """Write the norms of the corpus' TinyLM updates beside a translator checkpoint.
 
     Args:
-        checkpoint_dir: the translator checkpoint directory; gets :data:`NORM_BOUND_FILE`.
+        checkpoint_dir: the translator checkpoint directory (a path or a URI, see
+            :mod:`gt_ray.storage`); gets :data:`NORM_BOUND_FILE`.
         vectors: the corpus' raw TinyLM updates ``(N, L_tiny, d_tiny)`` (before normalizing).
         fingerprint: their TinyLM layout fingerprint, recorded and checked by :func:`load_norm_bound`.
 
     Returns:
-        The file's path.
+        The file's location (a ``Path`` for a path, else the URI).
 
     Raises:
         ValueError: no vectors, non-finite values, or a zero vector among them.
@@ -495,9 +497,9 @@ def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerpr
     data = {"format": NORM_BOUND_FORMAT, "fingerprint": fingerprint, "n_vectors": int(norms.numel()),
             "min_norm": float(norms.min()), "max_norm": float(norms.max()), "p01_norm": q[0], "median_norm": q[1],
             "p99_norm": q[2]}
-    path = Path(checkpoint_dir) / NORM_BOUND_FILE
-    _write_json(path, data)
-    return path
+    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
+    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return path if storage.is_uri(path) else Path(path)
 
 
 def load_norm_bound(checkpoint_dir: str | Path, factor: float = DEFAULT_OUTLIER_FACTOR,
@@ -505,19 +507,19 @@ def load_norm_bound(checkpoint_dir: str | Path, factor: float = DEFAULT_OUTLIER_
     """The bound stored beside a translator checkpoint, or ``None`` when it has none (logged).
 
     Args:
-        checkpoint_dir: the translator checkpoint directory.
+        checkpoint_dir: the translator checkpoint directory, a path or a URI.
         factor: how far outside the corpus' range a norm may be.
         fingerprint: the card's TinyLM layout fingerprint; a file for another layout is refused.
 
     Raises:
         ValueError: a file that is not a norm bound, or one for another layout.
     """
-    path = Path(checkpoint_dir) / NORM_BOUND_FILE
-    if not path.is_file():
+    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
+    if not storage.is_file(path):
         logger.warning("no %s beside the translator checkpoint: the input norm bound is off", path)
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))
     except json.JSONDecodeError:
         raise ValueError(f"{path} is not JSON") from None
     if not isinstance(data, dict) or data.get("format") != NORM_BOUND_FORMAT:

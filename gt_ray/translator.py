@@ -27,13 +27,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import T5Config, T5Model
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Stack
+
+from gt_ray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -1019,23 +1022,27 @@ def train_translator(
 
 def save_translator(
     translator: Translator, directory: str | Path, extra_metadata: Mapping[str, Any] | None = None
-) -> Path:
+) -> str | Path:
     """Writes `model.safetensors` (weights + normalizer stats) and `translator.json`.
+
+    Each file appears whole or not at all (`gt_ray.storage`); the weights first, so a
+    `translator.json` always has its weights beside it.
 
     Args:
         translator: the translator.
-        directory: created if missing; existing files of the same names are replaced.
+        directory: a path (created if missing) or a URI (`s3://`, `gs://`, `file://`);
+            existing files of the same names are replaced.
         extra_metadata: JSON-able provenance merged over `translator.metadata`. Put the pair
             card's layout fingerprints under "fingerprints" as {name: fingerprint} so
             `load_translator(expected_fingerprints=...)` can check them.
 
     Returns:
-        The directory.
+        The directory: a `Path` when given a path, else the URI.
 
     Raises:
         ValueError: if the metadata is not JSON-serializable or fingerprints are not str -> str.
     """
-    directory = Path(directory)
+    directory = directory if storage.is_uri(directory) else Path(directory)
     metadata = {**translator.metadata, **(extra_metadata or {})}
     fingerprints = metadata.get(FINGERPRINTS_KEY, {})
     if not isinstance(fingerprints, Mapping) or not all(
@@ -1056,10 +1063,9 @@ def save_translator(
         raise ValueError(f"translator metadata is not JSON-serializable: {err}") from err
 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in translator.state_dict().items()}
-    directory.mkdir(parents=True, exist_ok=True)
     file_metadata = {"format": "pt", "normalization": translator.normalizer.mode}
-    save_file(tensors, str(directory / MODEL_FILENAME), metadata=file_metadata)
-    (directory / CONFIG_FILENAME).write_text(text + "\n")
+    storage.write_bytes(storage.join(directory, MODEL_FILENAME), save_safetensors_bytes(tensors, metadata=file_metadata))
+    storage.write_text(storage.join(directory, CONFIG_FILENAME), text + "\n")
     logger.info("saved translator (%d tensors) to %s", len(tensors), directory)
     return directory
 
@@ -1072,7 +1078,7 @@ def load_translator(
     """Restores a translator written by `save_translator`, in eval mode.
 
     Args:
-        directory: the checkpoint directory.
+        directory: the checkpoint directory, a path or a URI.
         expected_fingerprints: {name: fingerprint} that must equal the stored
             `metadata["fingerprints"]` for every given name.
         device: where to put the weights.
@@ -1084,11 +1090,13 @@ def load_translator(
         ValueError: if a file is missing, the format is unknown, a fingerprint differs
             or the weights do not fit the config.
     """
-    directory = Path(directory)
     for name in (CONFIG_FILENAME, MODEL_FILENAME):
-        if not (directory / name).is_file():
+        if not storage.is_file(storage.join(directory, name)):
             raise ValueError(f"translator checkpoint {directory} is missing {name}")
-    document = json.loads((directory / CONFIG_FILENAME).read_text())
+    try:
+        document = json.loads(storage.read_text(storage.join(directory, CONFIG_FILENAME)))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"translator checkpoint {directory}: {CONFIG_FILENAME} is not JSON ({err})") from None
     if document.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"translator checkpoint {directory} has format_version {document.get('format_version')!r}, "
@@ -1105,8 +1113,12 @@ def load_translator(
 
     config = TranslatorConfig.from_dict(document["translator_config"])
     train_config = None if document["train_config"] is None else TrainConfig.from_dict(document["train_config"])
-    with safe_open(str(directory / MODEL_FILENAME), framework="pt", device="cpu") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    weights_at = storage.join(directory, MODEL_FILENAME)
+    try:  # a local file is memory-mapped; an object is read into memory once
+        tensors = (load_safetensors_file(str(storage.local_path(weights_at))) if storage.is_local(weights_at)
+                   else load_safetensors_bytes(storage.read_bytes(weights_at)))
+    except Exception as err:  # safetensors raises its own error types for a bad file
+        raise ValueError(f"translator checkpoint {directory}: {MODEL_FILENAME} is not readable ({err})") from None
     stats = {k.removeprefix("normalizer."): tensors.pop(k) for k in list(tensors) if k.startswith("normalizer.")}
     if set(stats) != {"x_mean", "x_std", "y_mean", "y_std"}:
         raise ValueError(f"translator checkpoint {directory} lacks normalizer stats, found {sorted(stats)}")

@@ -37,12 +37,14 @@ def work_dir(cfg: ExperimentConfig) -> Path:
     """The local work directory, created if missing.
 
     Raises:
-        UserError: if ``work_dir`` is a remote URI: the stages that call this write local
-            files only (the corpus, the sweep and Ray's results use :func:`work_location`).
+        UserError: if ``work_dir`` is a remote URI: the stages that call this (the demo,
+            the pair report, the demo's service round) write local files only; the corpus,
+            the sweep, the translator checkpoint, evaluation results and Ray's results use
+            :func:`work_location`, which takes a URI.
     """
     if not storage.is_local(cfg.work_dir):
         raise UserError(f"work_dir {cfg.work_dir} is remote, but this stage writes local files only: "
-                        "use a local work_dir and put the corpus at corpus.storage_path")
+                        "use a local work_dir for it (corpus build, translator tune/train/eval and eval take a URI)")
     p = Path(cfg.work_dir) if not storage.is_uri(cfg.work_dir) else storage.local_path(cfg.work_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -80,12 +82,10 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path
+def write_json(location: str | Path, data: Any) -> str | Path:
+    """Write JSON atomically to a path or a URI (:func:`gt_ray.storage.write_text`)."""
+    storage.write_text(location, json.dumps(data, indent=2, sort_keys=True, default=str))
+    return location
 
 
 def local_ray_env() -> dict[str, str]:

@@ -27,7 +27,7 @@ from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus
 from gt_ray.evaluate import score_update
 from gt_ray.models import load_card_side
-from jobs.common import kv, work_dir, write_json
+from jobs.common import kv, work_location, write_json
 from jobs.train_translator import load_corpus_and_translator, subset_split
 
 EVAL_FILE = "translator_eval.json"
@@ -111,7 +111,7 @@ def evaluate(cfg: ExperimentConfig) -> dict:
            "n_test_per_subset": N_TEST, "methods": table, "groups": groups, "seen": seen,
            "per_subset": {name: {"nll": r["nll"], "accuracy": r["accuracy"]} for name, r in rows.items()},
            "test_subsets": test_ids}
-    write_json(work_dir(cfg) / EVAL_FILE, out)
+    write_json(work_location(cfg, EVAL_FILE), out)
     print(format_table(out))
     return out
 

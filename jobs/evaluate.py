@@ -22,14 +22,14 @@ has. Nothing here tunes on the test splits.
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from gt_ray import tasks
+from gt_ray import storage, tasks
 from gt_ray.aggregate import aggregate
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
@@ -38,7 +38,7 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
-from jobs.common import UserError, base_parser, kv, load_config, work_dir, write_json
+from jobs.common import UserError, base_parser, kv, load_config, work_location, write_json
 from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
@@ -88,8 +88,8 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
                                   org_specs(cfg, seed, [specs[i] for i in train_ids]))
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
-    write_json(work_dir(cfg) / RESULTS_FILE, out)
-    write_plot(work_dir(cfg), out)
+    write_json(work_location(cfg, RESULTS_FILE), out)
+    write_plot(work_location(cfg), out)
     print(format_results(out))
     return out
 
@@ -312,7 +312,7 @@ def format_results(out: dict) -> str:
 
 def write_plot(out_dir, results: dict) -> None:
     """results.png: accuracy per method over all organizations (with the spread over seeds),
-    and over the seen and new groups."""
+    and over the seen and new groups. ``out_dir`` is a path or a URI (gt_ray.storage)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,8 +334,10 @@ def write_plot(out_dir, results: dict) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"{results['n_orgs']} organizations x {len(results['seeds'])} seeds")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "results.png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(storage.join(out_dir, "results.png"), png.getvalue())
 
 
 def main(argv=None) -> None:

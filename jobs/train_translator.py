@@ -27,14 +27,16 @@ from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus, split_by_subset
 from gt_ray.rounds import write_norm_bound
 from gt_ray.translator import CONFIG_FILENAME, TrainConfig, TranslatorConfig, save_translator, train_translator
-from jobs.common import UserError, base_parser, init_ray, kv, load_config, work_dir, work_location, write_json
+from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location, write_json
 
 BEST_CONFIG_FILE = "translator_best.yaml"
 HISTORY_FILE = "history.json"
 
 
-def translator_dir(cfg: ExperimentConfig) -> Path:
-    return translator_dir_from(work_dir(cfg))
+def translator_dir(cfg: ExperimentConfig) -> str | Path:
+    """``{work_dir}/translator``: a ``Path`` for a local ``work_dir``, else the URI."""
+    location = work_location(cfg, "translator")
+    return location if storage.is_uri(location) else Path(location)
 
 
 def translator_dir_from(work: Path) -> Path:
@@ -138,11 +140,11 @@ def translator_worker(config: dict) -> None:
         device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
         prepare_train_loader=ray.train.torch.prepare_data_loader)
     if rank == 0:
-        out = Path(config["out_dir"])
+        out = config["out_dir"]  # a path or a URI
         save_translator(translator.cpu(), out, {"fingerprints": corpus.fingerprints, "card_id": corpus.card_id,
                                                 "train_subsets": train_ids, "val_subsets": val_ids,
                                                 "key": config["key"], **config["extra"]})
-        write_json(out / HISTORY_FILE, history)
+        write_json(storage.join(out, HISTORY_FILE), history)
         # the service refuses inputs whose norm lies far outside what the corpus shows
         write_norm_bound(out, torch.cat([tr["tiny"], va["tiny"]]), corpus.fingerprints["tiny"])
 
@@ -160,25 +162,26 @@ def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False
                        "test_fraction": cfg.translator.test_fraction,
                        "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
     out = translator_dir(cfg)
-    meta_path = out / CONFIG_FILENAME
-    if not force and meta_path.is_file() and json.loads(meta_path.read_text()).get("metadata", {}).get("key") == key:
+    meta_path = storage.join(out, CONFIG_FILENAME)
+    if not force and storage.is_file(meta_path) and json.loads(storage.read_text(meta_path)).get("metadata", {}).get("key") == key:
         kv(stage="translator", status="cached", path=out)
         return out
     init_ray(address)  # before any ray import: it fixes the local cluster's environment
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
     t0 = time.time()
     trainer = TorchTrainer(
         translator_worker,
         train_loop_config={"experiment": dataclasses.asdict(cfg), "corpus_dir": storage.absolute(cfg.corpus_dir),
-                           "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "out_dir": str(out.resolve()),
+                           "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "out_dir": storage.absolute(out),
                            "key": key, "extra": extra},
         scaling_config=ScalingConfig(num_workers=cfg.translator.num_workers, use_gpu=cfg.translator.use_gpu),
-        run_config=RunConfig(name=f"translator-{key}", storage_path=str((work_dir(cfg) / "ray_results").resolve())),
+        run_config=RunConfig(name=f"translator-{key}", storage_path=storage_path, storage_filesystem=storage_fs),
     )
     trainer.fit()
-    meta = json.loads(meta_path.read_text())["metadata"]
+    meta = json.loads(storage.read_text(meta_path))["metadata"]
     kv(stage="translator", status="trained", seconds=round(time.time() - t0, 1), best_epoch=meta.get("best_epoch"),
        best_val_loss=meta.get("best_val_loss"), path=out)
     return out

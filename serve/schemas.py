@@ -6,11 +6,11 @@ service's OpenAPI schema (``GET /openapi.json``); the submission schema is the o
 ``gt_ray.org.submit_vector`` sends.
 """
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gt_ray import storage
 from gt_ray.aggregate import AGGREGATION_RULES
 from gt_ray.org import ID_PATTERN
 from gt_ray.rounds import DEFAULT_MODE, DEFAULT_OUTLIER_FACTOR, ROUND_MODES, ROUND_STATUSES
@@ -61,15 +61,19 @@ class ProviderArgs(BaseModel):
     @field_validator("checkpoint", "card", "tokens", "state_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        # Replicas do not share the caller's working directory.
-        return str(Path(value).expanduser().resolve())
+        # Replicas do not share the caller's working directory; a URI (checkpoint, card) stays as is.
+        return storage.absolute(value)
 
     @model_validator(mode="after")
     def _check(self) -> "ProviderArgs":
-        if not (Path(self.checkpoint) / CONFIG_FILENAME).is_file():
+        for name in ("tokens", "state_dir"):
+            if storage.is_uri(getattr(self, name)):
+                raise ValueError(f"{name} must be a local path (the tokens are a secret file; the round state "
+                                 f"uses file locks), got {getattr(self, name)}")
+        if not storage.is_file(storage.join(self.checkpoint, CONFIG_FILENAME)):
             raise ValueError(f"checkpoint {self.checkpoint} holds no {CONFIG_FILENAME}: not a translator checkpoint")
         for name in ("card", "tokens"):
-            if not Path(getattr(self, name)).is_file():
+            if not storage.is_file(getattr(self, name)):
                 raise ValueError(f"{name} file not found: {getattr(self, name)}")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError(f"max_batch_size {self.max_batch_size} exceeds max_ongoing_requests "

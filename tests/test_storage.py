@@ -4,6 +4,7 @@ The S3 side talks HTTP to moto's S3 server, started here as a separate process o
 127.0.0.1 (no mocked client): the same requests a real bucket would get.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -164,3 +165,66 @@ def test_sweep_on_ray_with_corpus_results_and_best_config_on_s3(s3, pair_and_row
     (run,) = fs.get_file_info(pafs.FileSelector(results))
     trials = [i.base_name for i in fs.get_file_info(pafs.FileSelector(run.path)) if i.base_name.startswith("trial-")]
     assert len(trials) == 2
+
+
+@pytest.mark.ray
+def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ray_cluster):
+    """`translator train` writes the checkpoint (weights, config, history, input norms) to
+    S3, a rerun finds it there, `translator eval` and the service's loaders read it back."""
+    from gt_ray.config import CorpusConfig, TranslatorSection
+    from gt_ray.rounds import NORM_BOUND_FILE, load_norm_bound
+    from gt_ray.translator import CONFIG_FILENAME, MODEL_FILENAME, TrainConfig, load_translator
+    from jobs.common import work_location
+    from jobs.eval_translator import EVAL_FILE, evaluate
+    from jobs.train_translator import HISTORY_FILE, train, translator_dir
+
+    card, produced = pair_and_rows
+    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
+    corpus_uri = s3.format("train/corpus")
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    more = ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT)
+    for s in plan_subsets(more, 7, seed=3):  # 5 training subsets: enough for every baseline of the eval
+        rows = produced[s.subset_id] if s.subset_id in produced else finetune_pair(tiny, llm, s, FT)
+        write_shard(corpus_uri, s.subset_id, rows, corpus_schema(card))
+    write_manifest(corpus_uri, card, {}, 7)
+    cfg = ExperimentConfig(
+        pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT, work_dir=s3.format("train"),
+        corpus=CorpusConfig(n_subsets=7, storage_path=corpus_uri),
+        translator=TranslatorSection(model={"d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32, "dropout": 0.0},
+                                     train=TrainConfig(lr=1e-3, batch_size=2, max_epochs=2, patience=2)))
+    out = train(cfg)
+    assert out == translator_dir(cfg) == work_location(cfg, "translator") and out.startswith("s3://gt-ray/train/")
+    assert storage.list_names(out) == sorted([CONFIG_FILENAME, MODEL_FILENAME, HISTORY_FILE, NORM_BOUND_FILE])
+    before = storage.read_bytes(storage.join(out, MODEL_FILENAME))
+    assert train(cfg) == out and storage.read_bytes(storage.join(out, MODEL_FILENAME)) == before  # cached on S3
+    translator = load_translator(out, expected_fingerprints={"tiny": card.tiny.layout_fingerprint,
+                                                           "llm": card.llm.layout_fingerprint})
+    assert translator.metadata["card_id"] == card.card_id
+    bound = load_norm_bound(out, fingerprint=card.tiny.layout_fingerprint)
+    assert bound is not None and 0 < bound.min_norm <= bound.max_norm
+    result = evaluate(cfg)  # reads the checkpoint from S3, writes translator_eval.json there
+    stored = json.loads(storage.read_text(work_location(cfg, EVAL_FILE)))
+    assert stored["methods"].keys() == result["methods"].keys() and stored["test_subsets"] == result["test_subsets"]
+
+
+def test_translator_checkpoint_and_norm_bound_round_trip_through_s3(s3, tmp_path):
+    """The library side, without Ray: the same files at a URI and at a path, read back equal."""
+    from gt_ray.rounds import load_norm_bound, write_norm_bound
+    from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, load_translator, save_translator
+
+    torch.manual_seed(0)
+    config = TranslatorConfig(d_tiny=6, L_tiny=2, d_llm=10, L_llm=3, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    x, y = torch.randn(5, 2, 6), torch.randn(5, 3, 10)
+    translator = Translator(config, GradTransformer(config), Normalizer.fit(x, y, "coordinate")).eval()
+    uri = s3.format("ckpt/translator")
+    assert save_translator(translator, uri, {"fingerprints": {"tiny": "t"}}) == uri
+    save_translator(translator, tmp_path / "translator", {"fingerprints": {"tiny": "t"}})
+    for name in storage.list_names(uri):
+        assert storage.read_bytes(storage.join(uri, name)) == (tmp_path / "translator" / name).read_bytes()
+    remote = load_translator(uri, expected_fingerprints={"tiny": "t"})
+    with torch.no_grad():
+        torch.testing.assert_close(remote.translate(x), translator.translate(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"translator checkpoint s3://gt-ray/nothing\?.* is missing translator.json"):
+        load_translator(s3.format("nothing"))
+    write_norm_bound(uri, x, "t")
+    assert load_norm_bound(uri, fingerprint="t").max_norm == pytest.approx(float(x.flatten(1).norm(dim=1).max()))
