@@ -219,12 +219,31 @@ def test_translator_checkpoint_and_norm_bound_round_trip_through_s3(s3, tmp_path
     uri = s3.format("ckpt/translator")
     assert save_translator(translator, uri, {"fingerprints": {"tiny": "t"}}) == uri
     save_translator(translator, tmp_path / "translator", {"fingerprints": {"tiny": "t"}})
-    for name in storage.list_names(uri):
-        assert storage.read_bytes(storage.join(uri, name)) == (tmp_path / "translator" / name).read_bytes()
-    remote = load_translator(uri, expected_fingerprints={"tiny": "t"})
+    assert storage.list_names(uri) == sorted(p.name for p in (tmp_path / "translator").iterdir())
+    assert storage.read_text(storage.join(uri, "translator.json")) == (tmp_path / "translator/translator.json").read_text()
+    remote, local = load_translator(uri, expected_fingerprints={"tiny": "t"}), load_translator(tmp_path / "translator")
+    for name, tensor in translator.state_dict().items():  # safetensors' header order varies: compare tensors
+        torch.testing.assert_close(remote.state_dict()[name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(local.state_dict()[name], tensor, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(remote.translate(x), translator.translate(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"translator checkpoint s3://gt-ray/nothing\?.* is missing translator.json"):
         load_translator(s3.format("nothing"))
     write_norm_bound(uri, x, "t")
     assert load_norm_bound(uri, fingerprint="t").max_norm == pytest.approx(float(x.flatten(1).norm(dim=1).max()))
+
+
+def test_service_args_take_a_checkpoint_and_card_uri_but_keep_state_and_tokens_local(s3, tmp_path):
+    from serve.schemas import ProviderArgs
+
+    checkpoint, card = s3.format("svc/translator"), s3.format("svc/pair_card.json")
+    storage.write_text(storage.join(checkpoint, "translator.json"), "{}")
+    storage.write_text(card, "{}")
+    (tmp_path / "tokens.json").write_text("{}")
+    args = ProviderArgs(checkpoint=checkpoint, card=card, tokens=str(tmp_path / "tokens.json"), state_dir=str(tmp_path))
+    assert (args.checkpoint, args.card) == (checkpoint, card)
+    with pytest.raises(ValueError, match="state_dir must be a local path .* uses file locks"):
+        ProviderArgs(checkpoint=checkpoint, card=card, tokens=str(tmp_path / "tokens.json"), state_dir=s3.format("state"))
+    with pytest.raises(ValueError, match=r"checkpoint s3://gt-ray/svc/elsewhere\?.* holds no translator.json"):
+        ProviderArgs(checkpoint=s3.format("svc/elsewhere"), card=card, tokens=str(tmp_path / "tokens.json"),
+                     state_dir=str(tmp_path))
