@@ -167,3 +167,16 @@ def test_corpus_build_refuses_a_bad_data_file_before_starting_ray(cfg, tmp_path)
     missing = ExperimentConfig(pair=cfg.pair, tasks=TaskConfig(data_files={"public": str(tmp_path / "no.jsonl")}))
     with pytest.raises(UserError, match="data file not found"):
         check_data_files(missing)
+
+
+def test_jobs_carry_the_data_files_and_eval_refuses_them_with_one_line(cfg):
+    import dataclasses
+
+    from gt_ray.config import from_dict
+    from jobs.common import UserError
+    from jobs.evaluate import evaluate
+
+    assert from_dict(ExperimentConfig, dataclasses.asdict(cfg)) == cfg  # what the corpus job sends its workers
+    with pytest.raises(UserError, match=r"gt-ray eval simulates organizations on the generated tasks only, and "
+                                        r"tasks.data_files is set: .* `gt-ray org evaluate`"):
+        evaluate(cfg)
