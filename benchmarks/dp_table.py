@@ -31,6 +31,12 @@ each). For a round of the first ``N`` members, LLM accuracy of the translated ag
   falls as ``1 / sqrt(N)`` only.
 - ``clipped mean, no noise``: the same round without DP, the reference.
 
+The translator turns any input, pure noise included, into some plausible LLM update, which
+scores above the base LLM on some tasks; so every private cell has an information-free
+control beside it: the same noise with nothing under it (a zero vector), translated and
+scored. "Usable" is measured against that control: the private round keeps >= 85% of the
+no-noise round's gain over it.
+
 The clip norm ``C`` is the median norm of the per-organization table's non-private
 updates (chosen on this run's data: a benchmark choice; a real round fixes it in advance).
 Epsilons of different units are not comparable one to one.
