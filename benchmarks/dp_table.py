@@ -65,7 +65,7 @@ from gt_ray.models import load_card_side
 from gt_ray.privacy import VectorMechanism, privatize
 from gt_ray.aggregate import add_gaussian_noise
 from gt_ray.rounds import RoundSpec, compute_round_update
-from gt_ray.updates import apply_update
+from gt_ray.updates import apply_update, split_factors
 from jobs.train_translator import load_corpus_and_translator
 
 EPSILONS = (math.inf, 8.0, 1.0)
@@ -123,8 +123,11 @@ def main() -> None:
         ft = score_model(tiny.model, tiny.tokenizer, test).to_dict()
         gen = score_update(llm, translate(res.final.update), test).to_dict()
         updates.append(res.final.update)
+        # the reference for the DP-SGD comparison: the same data, non-private, another batch-sampling seed
+        reseeded = finetune(tiny, train, cfg.finetune, seed=spec.seed + 1).final.update
         rows.append({"org": i, "spec": spec.to_dict(), "base": base.accuracy, "base_nll": base.nll,
                      "update_norm": float(res.final.update.norm()),
+                     "reseeded_vs_non_private": compare(reseeded, res.final.update, tiny.layout),
                      "dp_sgd": {"inf": {"tiny": ft, "translated": gen}}, "vector": {"inf": {"tiny": ft, "translated": gen}}})
         print(f"org={i} base={base.accuracy:.3f} tiny_ft={ft['accuracy']:.3f} translated={gen['accuracy']:.3f} "
               f"update_norm={rows[-1]['update_norm']:.4g}", flush=True)
@@ -141,6 +144,7 @@ def main() -> None:
             res = finetune(tiny, train, cfg.finetune, seed=spec.seed, dp=dp)
             rows[i]["dp_sgd"][eps_label(eps)] = {"tiny": score_model(tiny.model, tiny.tokenizer, test).to_dict(),
                                                  "translated": score_update(llm, translate(res.final.update), test).to_dict(),
+                                                 "vs_non_private": compare(res.final.update, updates[i], tiny.layout),
                                                  **res.dp_dict()}
             mech = VectorMechanism(kind="gaussian", epsilon=eps, delta=cfg.dp.delta, clip_norm=clip, neighbouring="replace")
             noisy, report = privatize(updates[i], mech, noise)
@@ -166,6 +170,12 @@ def main() -> None:
             summary[e]["dp_sgd_epsilon_spent"] = statistics.fmean(r["dp_sgd"][e]["epsilon"] for r in rows)
             summary[e]["dp_sgd_noise_multiplier"] = statistics.fmean(r["dp_sgd"][e]["noise_multiplier"] for r in rows)
             summary[e]["vector_noise_to_clip"] = statistics.fmean(r["vector"][e]["noise_to_clip"] for r in rows)
+        if math.isinf(eps):
+            summary[e]["reseeded_vs_non_private"] = {k: statistics.fmean(r["reseeded_vs_non_private"][k] for r in rows)
+                                                     for k in rows[0]["reseeded_vs_non_private"]}
+        else:
+            summary[e]["dp_sgd_vs_non_private"] = {k: statistics.fmean(r["dp_sgd"][e]["vs_non_private"][k] for r in rows)
+                                                   for k in rows[0]["dp_sgd"][e]["vs_non_private"]}
         for side in ("tiny", "translated"):
             summary[e][f"dp_sgd_{side}_kept"] = summary[e][f"dp_sgd_{side}"][0] / summary["inf"][f"dp_sgd_{side}"][0]
     base = mean_std([r["base"] for r in rows])
@@ -240,6 +250,19 @@ def summarize_by_n(groups: list[dict], sizes: list[int]) -> dict:
     return {"table": out, "first_n_keeping_85pct_of_gain": usable}
 
 
+def compare(update: torch.Tensor, reference: torch.Tensor, layout) -> dict:
+    """How a DP-SGD update differs from the same organization's non-private one: cosine over
+    the whole vector and over its lora_A and lora_B parts, and the norm ratio."""
+    def parts(v: torch.Tensor, factor: str) -> torch.Tensor:
+        mats = split_factors(v, layout)
+        return torch.cat([mats[e.key].reshape(-1) for e in layout.entries if e.factor == factor])
+
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0))  # noqa: E731
+    return {"cosine": cos(update, reference), "cosine_lora_A": cos(parts(update, "lora_A"), parts(reference, "lora_A")),
+            "cosine_lora_B": cos(parts(update, "lora_B"), parts(reference, "lora_B")),
+            "norm_ratio": float(update.norm() / reference.norm())}
+
+
 def kept_gain(private: float, noise_only: float, clean: float) -> float:
     """Share of the no-noise round's gain over the noise-only control that the private round keeps
     (the translator turns pure noise into some plausible update, so the floor is not the base LLM)."""
@@ -269,6 +292,14 @@ def format_org_table(summary: dict, base: tuple[float, float], n_orgs: int, clip
         lines.append(f"| {e} | {cell('dp_sgd_tiny')} | {cell('dp_sgd_translated')} | {s['dp_sgd_translated_kept']:.2f} | "
                      f"{sgd_sigma} | {cell('vector_tiny')} | {cell('vector_translated')} | "
                      f"{cell('vector_noise_only') if s['vector_noise_only'] else '-'} | {ratio} |")
+    for e in ("8", "1", "reseeded"):
+        c = summary[e]["dp_sgd_vs_non_private"] if e != "reseeded" else summary["inf"]["reseeded_vs_non_private"]
+        if e == "reseeded":
+            lines.append(f"Reference, a non-private fine-tune of the same data with another seed: cosine {c['cosine']:.2f} "
+                         f"(lora_A {c['cosine_lora_A']:.2f}, lora_B {c['cosine_lora_B']:.2f}), norm ratio {c['norm_ratio']:.2f}.")
+            continue
+        lines.append(f"DP-SGD update at epsilon {e} vs the same organization's non-private one: cosine {c['cosine']:.2f} "
+                     f"(lora_A {c['cosine_lora_A']:.2f}, lora_B {c['cosine_lora_B']:.2f}), norm ratio {c['norm_ratio']:.2f}.")
     lines.append(f"Target: at epsilon 8 the translated DP-SGD update keeps >= {KEEP_TARGET:.0%} of its non-private accuracy "
                  f"-> {'yes' if kept >= KEEP_TARGET else 'NO'} ({kept:.2f}).")
     return "\n".join(lines)
