@@ -38,6 +38,8 @@ moves accuracy far more than the seed of a fine-tune).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import statistics
@@ -49,11 +51,12 @@ from typing import Callable
 import torch
 
 from gt_ray import tasks
-from gt_ray.config import ExperimentConfig
+from gt_ray.config import ExperimentConfig, config_hash
 from gt_ray.evaluate import Scores, score_model, score_update
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, load_card_side, load_model
 from gt_ray.rounds import NormBound, RoundSpec, check_update_content, compute_round_update, load_norm_bound, write_stacked_adapter
+from gt_ray.translator import MODEL_FILENAME
 from jobs.common import base_parser, kv, load_config, work_dir, write_json
 from jobs.train_translator import load_corpus_and_translator, subset_split, translator_dir
 
@@ -86,7 +89,7 @@ def run(cfg: ExperimentConfig) -> dict:
         train_ids, val_ids, _ = subset_split(cfg, corpus)
         norms = corpus.load(train_ids + val_ids)["tiny"].double().flatten(1).norm(dim=1)  # (N,)
         bound, source = NormBound(float(norms.min()), float(norms.max())), "computed from the translator's train+val subsets"
-    out = collaborate(cfg, tiny, llm, translator.translate, bound)
+    out = collaborate(cfg, tiny, llm, translator.translate, bound, group_cache(cfg, card.card_id, bound))
     out["norm_bound"] = {"low": bound.low, "high": bound.high, "source": source}
     out["loadavg"] = os.getloadavg()
     out["threads"] = torch.get_num_threads()
@@ -97,17 +100,43 @@ def run(cfg: ExperimentConfig) -> dict:
     return out
 
 
+def group_cache(cfg: ExperimentConfig, card_id: str, bound: NormBound) -> Path:
+    """``{work_dir}/collab_groups/{key}``: the key hashes every setting a group's result
+    depends on (not ``groups`` or ``seeds``, which only say which groups run), the card and
+    the translator's weights."""
+    c = cfg.collab
+    weights = hashlib.sha256((translator_dir(cfg) / MODEL_FILENAME).read_bytes()).hexdigest()
+    key = config_hash({"collab": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("groups", "seeds")},
+                       "finetune": dataclasses.asdict(cfg.finetune), "tasks": dataclasses.asdict(cfg.tasks),
+                       "card": card_id, "translator": weights, "norm_bound": [bound.low, bound.high]})
+    return work_dir(cfg) / "collab_groups" / key
+
+
 def collaborate(cfg: ExperimentConfig, tiny: LoadedModel, llm: LoadedModel, translate: Translate,
-                norm_bound: NormBound | None = None) -> dict:
-    """Every seed's groups: the round rows per size and the robust rows; summary and targets."""
+                norm_bound: NormBound | None = None, cache: Path | None = None) -> dict:
+    """Every seed's groups: the round rows per size and the robust rows; summary and targets.
+
+    Groups run group-major (group 0 of every seed first). With ``cache`` (a directory whose
+    name keys everything a group's result depends on, see :func:`group_cache`), each group's
+    result is written there as it is done and reused by a later run, so an interrupted run
+    resumes and a run with fewer groups or seeds costs nothing.
+    """
     c = cfg.collab
     t0 = time.time()
     groups = []
-    for seed in c.seeds:
-        for g in range(c.groups):
-            groups.append(run_group(cfg, seed, g, tiny, llm, translate, norm_bound))
-            kv(stage="collab", seed=seed, group=g, **{f"agg_n{n}": groups[-1]["rounds"][str(n)]["agg_then_translate"]["accuracy"]
-                                                      for n in c.sizes}, seconds=round(time.time() - t0, 1))
+    for g in range(c.groups):
+        for seed in c.seeds:
+            path = cache / f"seed{seed}-group{g}.json" if cache is not None else None
+            reused = path is not None and path.is_file()
+            if reused:
+                groups.append(json.loads(path.read_text()))
+            else:
+                groups.append(run_group(cfg, seed, g, tiny, llm, translate, norm_bound))
+                if path is not None:
+                    write_json(path, groups[-1])
+            kv(stage="collab", seed=seed, group=g, reused=reused,
+               **{f"agg_n{n}": groups[-1]["rounds"][str(n)]["agg_then_translate"]["accuracy"] for n in c.sizes},
+               seconds=round(time.time() - t0, 1))
     out = summarize(groups, c.sizes)
     out.update(groups=groups, seeds=list(c.seeds), sizes=list(c.sizes), n_examples=c.n_examples, n_test=c.n_test,
                attack_scale=c.attack_scale, trim_fraction=c.trim_fraction, finetune=dataclasses.asdict(cfg.finetune),

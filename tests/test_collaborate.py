@@ -2,6 +2,7 @@
 (few steps, small N), with a fixed linear map in place of a trained translator."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -72,6 +73,20 @@ def test_collaboration_rows_and_their_invariants(pair):
     t = out["targets"]
     assert set(t["robust_rules_within_tolerance"]) == set(t["mean_outside_tolerance"]) == {"scale", "sign_flip"}
     assert "| LLM ft on the union (needs the data) |" in collaborate.format_results(out)
+
+
+def test_groups_are_cached_and_reused(pair, tmp_path):
+    pair_cfg, tiny, llm = pair
+    cfg = small_config(pair_cfg)
+    cfg = dataclasses.replace(cfg, collab=dataclasses.replace(cfg.collab, sizes=[1, 2], n_test=8))
+    first = collaborate.collaborate(cfg, tiny, llm, linear_translate(tiny, llm), cache=tmp_path)
+    path = tmp_path / "seed0-group0.json"
+    assert json.loads(path.read_text()) == json.loads(json.dumps(first["groups"][0]))
+    cached = json.loads(path.read_text())
+    cached["llm_base"]["accuracy"] = 0.123  # a value no run gives: the next run must read the file, not recompute
+    path.write_text(json.dumps(cached))
+    again = collaborate.collaborate(cfg, tiny, llm, linear_translate(tiny, llm), cache=tmp_path)
+    assert again["llm_base"]["mean"] == 0.123 and again["table"] == first["table"]
 
 
 def test_weight_space_aggregate_of_identical_members_is_the_member(pair):
