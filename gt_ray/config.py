@@ -398,6 +398,37 @@ class EvalConfig:
 
 
 @dataclass
+class CollabConfig:
+    """The collaboration benchmark (``gt-ray collab``): several organizations with one task
+    (one mixture and secrets) but few examples each join one round."""
+
+    sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Numbers of organizations in a round, increasing; a round of ``n`` takes the group's
+    first ``n`` members, so the rounds are nested."""
+    n_examples: int = 32
+    """Private training examples per organization (``private_train``)."""
+    groups: int = 3
+    """Groups (one shared task each) per seed."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the group draws (and the members' fine-tunes)."""
+    n_test: int = 400
+    """Test examples per group (``private_test``, the group's task)."""
+    attack_scale: float = 100.0
+    """The scaling attacker sends this multiple of its honest update."""
+    trim_fraction: float = 0.1
+    """Fraction trimmed at each end by the ``trimmed_mean`` rows (the service's default)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_examples", "groups", "n_test", "attack_scale")
+        if not self.sizes or any(n < 1 for n in self.sizes) or self.sizes != sorted(set(self.sizes)):
+            raise ValueError(f"sizes must be strictly increasing integers >= 1, got {self.sizes}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one scale needs; each job reads the sections it uses."""
 
@@ -417,6 +448,8 @@ class ExperimentConfig:
     """The hyperparameter search."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """The organizations' evaluation."""
+    collab: CollabConfig = field(default_factory=CollabConfig)
+    """The collaboration and robust-aggregation benchmark."""
     work_dir: str = "runs/tiny"
     """Where stage outputs go (corpus, checkpoints, results), relative to the cwd."""
     cache_dir: str = "~/.cache/gt-ray"

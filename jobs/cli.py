@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),
     "translator": ("jobs.train_translator", "train | tune | eval: the Grad-Transformer (Ray Train / Ray Tune)"),
     "eval": ("jobs.evaluate", "the organizations' evaluation table: PGR against baselines and ceilings"),
+    "collab": ("jobs.collaborate", "N organizations with one task and few examples each: rounds by N, robust rules under attack"),
     "serve": ("serve.cli", "the provider service on Ray Serve: batched translation, rounds, PEFT adapters"),
 }
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from gt_ray.config import (DPConfig, ExperimentConfig, FinetuneConfig, LoraSpec, ModelSpec, from_dict, load_yaml)
+from gt_ray.config import (CollabConfig, DPConfig, ExperimentConfig, FinetuneConfig, LoraSpec, ModelSpec, from_dict,
+                           load_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,10 @@ def test_missing_pair_is_refused():
     (lambda: FinetuneConfig(snapshot_steps=[80, 60]), "strictly increasing"),
     (lambda: DPConfig(enabled=True), "exactly one of target_epsilon and noise_multiplier"),
     (lambda: DPConfig(delta=2.0), r"delta must be in \(0, 1\)"),
+    (lambda: CollabConfig(sizes=[4, 2]), "sizes must be strictly increasing"),
+    (lambda: CollabConfig(sizes=[0, 2]), "sizes must be strictly increasing integers >= 1"),
+    (lambda: CollabConfig(n_examples=0), "n_examples must be > 0"),
+    (lambda: CollabConfig(trim_fraction=0.5), r"trim_fraction must be in \[0, 0.5\)"),
 ])
 def test_bad_values_raise(make, message):
     with pytest.raises(ValueError, match=message):
