@@ -383,8 +383,8 @@ class EvalConfig:
     the TinyLM's greedy answers, ``logit`` on its next-token distributions (skipped when the
     two models do not share a vocabulary). ``[]`` turns both off."""
     num_threads: int = 2
-    """torch threads of the evaluation process (1 where the cores are shared: oversubscribed
-    torch threads wait on each other)."""
+    """torch threads of `gt-ray eval` and `gt-ray translator eval` (1 where the cores are
+    shared: oversubscribed torch threads wait on each other)."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_orgs", "n_test", "num_threads")

@@ -86,7 +86,7 @@ def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: floa
 
 
 def evaluate(cfg: ExperimentConfig) -> dict:
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.eval.num_threads)
     corpus, translator = load_corpus_and_translator(cfg)
     tr, va_final, tests, llm, scale, test_ids, seen = held_out(cfg, corpus)
     methods = {"mean": MeanUpdate(), "ridge": RidgeMap(), "nn1": NearestNeighbour(k=1), "nn3": NearestNeighbour(k=3)}
