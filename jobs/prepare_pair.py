@@ -21,7 +21,7 @@ from gt_ray import storage, tasks
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
-from gt_ray.models import (COMPLETE_MARKER, PairCard, built_model_dir, cached_model_dir, load_card_side, make_pair_card,
+from gt_ray.models import (BUILD_FILE, COMPLETE_MARKER, PairCard, cached_model_dir, load_card_side, make_pair_card,
                            prepare_model, recipe_of)
 from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, work_location, write_json
 
@@ -32,11 +32,13 @@ REPORT_FILE = "pair_report.json"
 def prepare(cfg: ExperimentConfig) -> PairCard:
     """Build or find both models and write ``{work_dir}/pair_card.json``."""
     paths = {}
-    for side in ("tiny", "llm"):
+    for side in ("llm", "tiny"):  # the LLM first: a TinyLM may be derived from it
         spec = getattr(cfg.pair, side)
-        if spec.arch is not None and not (built_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists():
-            torch.set_num_threads(spec.pretrain.num_threads)
-            bar = tqdm(total=spec.pretrain.steps, desc=f"pretrain {side}", unit="step", mininterval=2)
+        built = spec.arch is not None or spec.derive_from is not None
+        if built and not (cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists():
+            what, recipe = ("pretrain", spec.pretrain) if spec.arch is not None else ("heal", spec.heal)
+            torch.set_num_threads(recipe.num_threads)
+            bar = tqdm(total=recipe.steps, desc=f"{what} {side}", unit="step", mininterval=2)
 
             def on_step(step: int, loss: float, bar=bar) -> None:
                 bar.update(1)
@@ -46,7 +48,7 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
             t0 = time.time()
             paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
             bar.close()
-            kv(stage="pretrain", model=side, seconds=round(time.time() - t0, 1), path=paths[side])
+            kv(stage=what, model=side, seconds=round(time.time() - t0, 1), path=paths[side])
         else:
             t0 = time.time()
             paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names)
@@ -86,7 +88,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
     needs is a TinyLM clearly below the LLM after fine-tuning on these."""
     torch.set_num_threads(2)
     rows = {}
-    models = {side: load_card_side(card, side) for side in ("tiny", "llm")}
+    models = {side: load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm")}
     rng = random.Random(cfg.seed)
     t0 = time.time()
     for name in task_names or cfg.tasks.names:
@@ -117,11 +119,15 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
         mixtures.append({"mixture": {t: round(w, 3) for t, w in spec.mixture.items() if w >= tasks.MIN_WEIGHT},
                          "tiny_ft": acc["tiny"], "llm_ft": acc["llm"]})
         kv(stage="report", mixture=f"{i + 1}/{n_mixtures}", tiny_ft=round(acc["tiny"], 3), llm_ft=round(acc["llm"], 3))
-    builds = {side: json.loads((Path(getattr(card, side).path) / "gt_ray_build.json").read_text())
-              if (Path(getattr(card, side).path) / "gt_ray_build.json").is_file() else {} for side in ("tiny", "llm")}
+    builds = {side: json.loads((Path(getattr(card, side).path) / BUILD_FILE).read_text())
+              if (Path(getattr(card, side).path) / BUILD_FILE).is_file() else {} for side in ("tiny", "llm")}
     out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
            "models": {side: {"params": getattr(card, side).n_params, "layout": [getattr(card, side).n_layers, getattr(card, side).d_layer],
-                             "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss")}
+                             "built": "derived" if "derived_from" in builds[side] else "pretrained" if builds[side] else None,
+                             "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss"),
+                             **({"derived": {k: builds[side][k] for k in ("keep_layers", "heal", "kd_loss_before", "kd_loss_after")}
+                                 | {"teacher_layers": builds[side]["derived_from"]["n_layers"]}}
+                                if "derived_from" in builds[side] else {})}
                       for side in ("tiny", "llm")},
            "report_seconds": round(time.time() - t0, 1)}
     if mixtures:
@@ -133,9 +139,16 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
 
 
 def format_report(rep: dict) -> str:
-    lines = ["| model | params | LoRA layout | pretrain time |", "|---|---|---|---|"]
+    lines = ["| model | params | LoRA layout | how it was made |", "|---|---|---|---|"]
     for side, m in rep["models"].items():
-        took = "- (pretrained elsewhere)" if m["pretrain_seconds"] is None else f"{m['pretrain_seconds']} s"
+        if m.get("built") == "derived":
+            d = m["derived"]
+            took = (f"layers {d['keep_layers']} of the LLM's {d['teacher_layers']}, healed {d['heal']['steps']} steps in "
+                    f"{m['pretrain_seconds']} s (distillation KL {d['kd_loss_before']:.3f} -> {d['kd_loss_after']:.3f})")
+        elif m["pretrain_seconds"] is None:
+            took = "- (pretrained elsewhere)"
+        else:
+            took = f"pretrained {m['pretrain_seconds']} s"
         lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {took} |")
     lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
               "|---|---|---|---|---|---|---|"]
