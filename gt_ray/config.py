@@ -104,7 +104,9 @@ class ModelSpec:
     """transformers config kwargs with ``model_type`` (e.g. ``llama``), used to build."""
     derive_from: ModelSpec | None = None
     """The model to cut this one from (a ``path``, ``registry`` or ``arch`` spec), usually
-    the pair's LLM: the TinyLM then shares its tokenizer and pretraining."""
+    the pair's LLM: the TinyLM then shares its tokenizer and pretraining. Its ``dtype`` is
+    the teacher's while healing (bfloat16 is faster on CPUs that have it); the student
+    trains in float32."""
     keep_layers: list[int] | None = None
     """With ``derive_from``: indices (0-based, increasing) of the decoder layers kept."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

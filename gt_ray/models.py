@@ -67,7 +67,7 @@ def derived_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[s
     teacher = spec.derive_from
     teacher_dir = cached_model_dir(teacher, cache_dir, task_names)
     teacher_key = teacher_dir.name if teacher_dir is not None else weights_sha256(Path(teacher.path).expanduser())
-    key = config_hash({"teacher": teacher_key, "keep_layers": spec.keep_layers, "heal": asdict(spec.heal),
+    key = config_hash({"teacher": teacher_key, "teacher_dtype": teacher.dtype, "keep_layers": spec.keep_layers, "heal": asdict(spec.heal),
                        "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION, "derive": DERIVE_VERSION})
     return Path(cache_dir).expanduser() / "models" / f"derived-{key}"
 
@@ -141,7 +141,7 @@ def _prepare_derived(spec: ModelSpec, cache_dir: str | Path, task_names: list[st
     out = derived_model_dir(spec, cache_dir, task_names)
     if (out / COMPLETE_MARKER).is_file():
         return out
-    teacher, tokenizer = load_model(teacher_dir)
+    teacher, tokenizer = load_model(teacher_dir, spec.derive_from.dtype)  # bfloat16 here makes healing faster
     student = cut_layers(teacher, spec.keep_layers)
     logger.info("healing %s (%d of %d layers, %d params) for %d steps", out.name, len(spec.keep_layers),
                 teacher.config.num_hidden_layers, count_params(student), spec.heal.steps)
@@ -177,7 +177,7 @@ def cut_layers(teacher: torch.nn.Module, keep_layers: list[int]) -> torch.nn.Mod
 
     Same config except the layer count (and per-layer lists such as ``layer_types``, cut
     alike); every weight is copied from the teacher: embeddings, the kept layers in order,
-    the final norm and the head. The teacher is left unchanged.
+    the final norm and the head, in float32. The teacher is left unchanged.
 
     Raises:
         ValueError: if a kept index is not a layer of the teacher.
@@ -195,7 +195,7 @@ def cut_layers(teacher: torch.nn.Module, keep_layers: list[int]) -> torch.nn.Mod
             cfg[key] = [value[i] for i in keep_layers]
     cfg["num_hidden_layers"] = len(keep_layers)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    student = AutoModelForCausalLM.from_config(config, dtype=next(teacher.parameters()).dtype)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # trained: float32 whatever the teacher's dtype
     new_index = {old: new for new, old in enumerate(keep_layers)}
     state = {}
     for key, value in teacher.state_dict().items():
@@ -204,7 +204,7 @@ def cut_layers(teacher: torch.nn.Module, keep_layers: list[int]) -> torch.nn.Mod
             if int(old) not in new_index:
                 continue
             key = f"{prefix}.{new_index[int(old)]}.{rest}"
-        state[key] = value.clone()
+        state[key] = value.float().clone()
     student.load_state_dict(state, strict=True)
     student.eval()
     return student
