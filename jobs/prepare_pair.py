@@ -86,12 +86,12 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
     ``n_mixtures`` more datasets are drawn as organizations' are (the config's mixture and
     secrets, private split, other seeds than the evaluation's): the conditioning the method
     needs is a TinyLM clearly below the LLM after fine-tuning on these."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.finetune.num_threads)  # 2 OpenMP threads crawl when the cores are shared
     rows = {}
     models = {side: load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm")}
     rng = random.Random(cfg.seed)
     t0 = time.time()
-    for name in task_names or cfg.tasks.names:
+    for name in (task_names or cfg.tasks.names) if n_datasets > 0 else []:
         row = {}
         for side, lm in models.items():
             shown, before, after = [], [], []
@@ -172,19 +172,23 @@ def main(argv=None) -> None:
     p.add_argument("action", nargs="?", default="prepare", choices=["prepare", "report"])
     p.add_argument("--tasks", nargs="+", choices=sorted(tasks.TASKS), default=None,
                    help="report: tasks to report (default: the config's)")
-    p.add_argument("--n-datasets", type=int, default=3, help="report: single-task datasets per task (default 3)")
+    p.add_argument("--n-datasets", type=int, default=3, help="report: single-task datasets per task (default 3; 0 skips)")
     p.add_argument("--n-mixtures", type=int, default=10,
                    help="report: organization-like mixtures fine-tuned on both models (default 10; 0 skips)")
+    p.add_argument("--n-test", type=int, default=300, help="report: test examples per dataset (default 300)")
+    p.add_argument("--out", default=None, help=f"report: JSON path (default {{work_dir}}/{REPORT_FILE})")
     args = p.parse_args(argv)
-    if args.n_datasets < 1:
-        raise UserError(f"--n-datasets must be >= 1, got {args.n_datasets}")
+    if args.n_datasets < 0:
+        raise UserError(f"--n-datasets must be >= 0, got {args.n_datasets}")
     if args.n_mixtures < 0:
         raise UserError(f"--n-mixtures must be >= 0, got {args.n_mixtures}")
+    if args.n_test < 1:
+        raise UserError(f"--n-test must be >= 1, got {args.n_test}")
     cfg = load_config(args.config)
     card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
     if args.action == "report":
-        rep = report(cfg, card, n_datasets=args.n_datasets, task_names=args.tasks, n_mixtures=args.n_mixtures)
-        write_json(work_dir(cfg) / REPORT_FILE, rep)
+        rep = report(cfg, card, n_datasets=args.n_datasets, n_test=args.n_test, task_names=args.tasks, n_mixtures=args.n_mixtures)
+        write_json(Path(args.out) if args.out else work_dir(cfg) / REPORT_FILE, rep)
         print(format_report(rep))
 
 

@@ -46,3 +46,11 @@ def test_prepare_derives_the_tinylm_from_the_llm_and_reports_it(tmp_path):
     rep = prepare_pair.report(cfg, card, n_datasets=1, n_test=10, task_names=["add"])
     assert rep["models"]["tiny"]["derived"]["keep_layers"] == [2]
     assert "layers [2] of the LLM's 3, healed 10 steps" in prepare_pair.format_report(rep)
+
+
+def test_report_with_no_single_task_datasets_reports_mixtures_only(tiny_path, gqa_path, lora):
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+    card = make_pair_card(PairConfig(tiny=cfg.pair.tiny, llm=cfg.pair.llm, lora=lora), tiny_path, gqa_path)
+    rep = prepare_pair.report(cfg, card, n_datasets=0, n_test=10, n_mixtures=1)
+    assert rep["tasks"] == {} and rep["mixtures"]["n"] == 1
+    assert "organization-like mixtures" in prepare_pair.format_report(rep)
