@@ -67,8 +67,9 @@ def derived_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[s
     teacher = spec.derive_from
     teacher_dir = cached_model_dir(teacher, cache_dir, task_names)
     teacher_key = teacher_dir.name if teacher_dir is not None else weights_sha256(Path(teacher.path).expanduser())
-    key = config_hash({"teacher": teacher_key, "teacher_dtype": teacher.dtype, "keep_layers": spec.keep_layers, "heal": asdict(spec.heal),
-                       "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION, "derive": DERIVE_VERSION})
+    key = config_hash({"teacher": teacher_key, "teacher_dtype": teacher.dtype, "keep_layers": spec.keep_layers,
+                       "heal": asdict(spec.heal), "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION,
+                       "derive": DERIVE_VERSION})
     return Path(cache_dir).expanduser() / "models" / f"derived-{key}"
 
 

@@ -46,12 +46,12 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
                     bar.set_postfix(loss=f"{loss:.3f}")
 
             t0 = time.time()
-            paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
+            paths[side] = _prepare_model(spec, cfg, side, on_step)
             bar.close()
             kv(stage=what, model=side, seconds=round(time.time() - t0, 1), path=paths[side])
         else:
             t0 = time.time()
-            paths[side] = prepare_model(spec, cfg.cache_dir, cfg.tasks.names)
+            paths[side] = _prepare_model(spec, cfg, side)
             if spec.registry is not None:
                 kv(stage="fetch", model=side, registry=spec.registry, seconds=round(time.time() - t0, 1), path=paths[side])
     card = make_pair_card(cfg.pair, paths["tiny"], paths["llm"], recipe=recipe_of(cfg))
@@ -59,6 +59,13 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
     kv(stage="pair", card=card_path, card_id=card.card_id,
        tiny_layout=f"{card.tiny.n_layers}x{card.tiny.d_layer}", llm_layout=f"{card.llm.n_layers}x{card.llm.d_layer}")
     return card
+
+
+def _prepare_model(spec, cfg: ExperimentConfig, side: str, on_step=None) -> Path:
+    try:
+        return prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
+    except ValueError as e:  # a bad path, a missing registry package, a layer the LLM lacks
+        raise UserError(f"pair.{side}: {e}") from None
 
 
 def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:

@@ -54,3 +54,17 @@ def test_report_with_no_single_task_datasets_reports_mixtures_only(tiny_path, gq
     rep = prepare_pair.report(cfg, card, n_datasets=0, n_test=10, n_mixtures=1)
     assert rep["tasks"] == {} and rep["mixtures"]["n"] == 1
     assert "organization-like mixtures" in prepare_pair.format_report(rep)
+
+
+def test_a_layer_the_llm_lacks_is_one_error_line(tmp_path, capsys):
+    import yaml
+
+    from jobs.common import run_main
+
+    data = yaml.safe_load((ROOT / "configs/ci.yaml").read_text())
+    data["pair"]["tiny"] = {"derive_from": data["pair"]["llm"], "keep_layers": [0, 7]}
+    data.update(cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    assert run_main(prepare_pair.main, ["prepare", "--config", str(bad)]) == 2
+    assert "error: pair.tiny: keep_layers [7] out of range: the model has 3 layers (0..2)" in capsys.readouterr().err
