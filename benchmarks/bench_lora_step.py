@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=None,
+                   help="weights dtypes to time (default: each model's dtype in the config)")
     return p.parse_args()
 
 
@@ -67,24 +69,26 @@ def main() -> None:
     for side, seed in (("tiny", cfg.pair.lora.init_seed_tiny), ("llm", cfg.pair.lora.init_seed_llm)):
         model_spec = getattr(cfg.pair, side)
         path = prepare_model(model_spec, cfg.cache_dir, cfg.tasks.names)
-        lm = load_with_lora(path, cfg.pair.lora, seed, model_spec.dtype)
-        n_params = sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" not in n)
-        for batch_size in args.batch_sizes:
-            batch = tasks.encode_examples(lm.tokenizer, examples[:batch_size])
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                s = time_steps(lm, batch, cfg.finetune.lr, args.repeats)
-                tokens = int(batch.attention_mask.sum())
-                rows.append({"model": side, "path": str(path), "params": n_params, "lora_values": lm.layout.n_layers * lm.layout.d_layer,
-                             "batch_size": batch_size, "seq_len": batch.input_ids.shape[1], "threads": threads,
-                             "step_s": s, "tokens_per_s": tokens / s})
+        for dtype in args.dtypes or [model_spec.dtype]:
+            lm = load_with_lora(path, cfg.pair.lora, seed, dtype)
+            n_params = sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" not in n)
+            for batch_size in args.batch_sizes:
+                batch = tasks.encode_examples(lm.tokenizer, examples[:batch_size])
+                for threads in args.threads:
+                    torch.set_num_threads(threads)
+                    s = time_steps(lm, batch, cfg.finetune.lr, args.repeats)
+                    tokens = int(batch.attention_mask.sum())
+                    rows.append({"model": side, "path": str(path), "params": n_params, "dtype": dtype,
+                                 "lora_values": lm.layout.n_layers * lm.layout.d_layer, "batch_size": batch_size,
+                                 "seq_len": batch.input_ids.shape[1], "threads": threads, "step_s": s,
+                                 "tokens_per_s": tokens / s, "load_average_1m": os.getloadavg()[0]})
     print(f"LoRA step (forward + backward + AdamW), rank {cfg.pair.lora.rank} on {cfg.pair.lora.target_modules}, "
           f"median of {args.repeats}, load average {os.getloadavg()[0]:.2f}")
-    print("| model | params | LoRA values | batch | tokens/seq | threads | ms/step | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | params | dtype | LoRA values | batch | tokens/seq | threads | ms/step | tokens/s | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['params']:,} | {r['lora_values']:,} | {r['batch_size']} | {r['seq_len']} | "
-              f"{r['threads']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} |")
+        print(f"| {r['model']} | {r['params']:,} | {r['dtype']} | {r['lora_values']:,} | {r['batch_size']} | {r['seq_len']} | "
+              f"{r['threads']} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['load_average_1m']:.1f} |")
     result = {"config": args.config, "repeats": args.repeats, "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "load_average_1m": os.getloadavg()[0], "results": rows}

@@ -48,16 +48,52 @@ class PretrainConfig:
 
 
 @dataclass
-class ModelSpec:
-    """One model of the pair: a local Hugging Face directory, a registry model, or an
-    architecture to build.
+class HealConfig:
+    """How gt-ray heals a model cut from a larger one: logit distillation from the full model.
 
-    Exactly one of ``path``, ``registry`` and ``arch`` is set. A ``registry`` model is a
-    pretrained model shipped inside a registry package (``gt_ray.registry.MODELS``),
-    converted once into the cache. With ``arch`` gt-ray builds the model from a
-    transformers config (``model_type`` plus its keyword arguments), gives it the built-in
-    character tokenizer of the task world and pretrains it (``pretrain``); the result is
-    cached on disk keyed by the hash of all of that.
+    The student starts as the teacher with only some of its layers; it then learns to match
+    the teacher's next-token distributions (KL at every non-pad position) on public text:
+    the task world's public split, task parameter shown (as in pretraining).
+    """
+
+    steps: int = 300
+    """Optimizer steps."""
+    lr: float = 3e-4
+    """AdamW peak learning rate (linear warmup, cosine decay)."""
+    batch_size: int = 32
+    """Sequences per step."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    temperature: float = 1.0
+    """Softmax temperature of both models' distributions in the KL (loss scaled by T^2)."""
+    train_embeddings: bool = False
+    """Also train the token embeddings and the output head (frozen by default: they stay
+    the teacher's, so the student shares its tokenizer and output space exactly)."""
+    seed: int = 0
+    """Seed of the generated text."""
+    num_threads: int = 2
+    """torch threads used by the healing process."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "num_threads", "lr", "temperature")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+@dataclass
+class ModelSpec:
+    """One model of the pair: a local Hugging Face directory, a registry model, an
+    architecture to build, or a model cut from another one.
+
+    Exactly one of ``path``, ``registry``, ``arch`` and ``derive_from`` is set. A
+    ``registry`` model is a pretrained model shipped inside a registry package
+    (``gt_ray.registry.MODELS``), converted once into the cache. With ``arch`` gt-ray builds
+    the model from a transformers config (``model_type`` plus its keyword arguments), gives
+    it the built-in character tokenizer of the task world and pretrains it (``pretrain``).
+    With ``derive_from`` gt-ray makes a smaller model of the same family: the other model's
+    tokenizer, embeddings, final norm and head with only its layers ``keep_layers``, healed
+    by distillation from it (``heal``). Built and derived models are cached on disk keyed by
+    the hash of their recipe.
     """
 
     path: str | None = None
@@ -66,20 +102,38 @@ class ModelSpec:
     """Name of a registry model (``gt-ray models list``), e.g. ``smollm2-135m``."""
     arch: dict[str, Any] | None = None
     """transformers config kwargs with ``model_type`` (e.g. ``llama``), used to build."""
+    derive_from: ModelSpec | None = None
+    """The model to cut this one from (a ``path``, ``registry`` or ``arch`` spec), usually
+    the pair's LLM: the TinyLM then shares its tokenizer and pretraining. Its ``dtype`` is
+    the teacher's while healing (bfloat16 is faster on CPUs that have it); the student
+    trains in float32."""
+    keep_layers: list[int] | None = None
+    """With ``derive_from``: indices (0-based, increasing) of the decoder layers kept."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """Pretraining recipe, used only with ``arch``."""
+    heal: HealConfig = field(default_factory=HealConfig)
+    """Healing recipe, used only with ``derive_from``."""
     dtype: str = "float32"
     """Weights dtype when loading: float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.path, self.registry, self.arch)) != 1:
-            raise ValueError("exactly one of 'path', 'registry' and 'arch' must be set for a model")
+        if sum(x is not None for x in (self.path, self.registry, self.arch, self.derive_from)) != 1:
+            raise ValueError("exactly one of 'path', 'registry', 'arch' and 'derive_from' must be set for a model")
         if self.registry is not None:
             from gt_ray.registry import get_model  # local import: registry imports nothing from here
 
             get_model(self.registry)
         if self.arch is not None and "model_type" not in self.arch:
             raise ValueError("'arch' needs a 'model_type' (e.g. llama, qwen2)")
+        if self.derive_from is not None:
+            if self.derive_from.derive_from is not None:
+                raise ValueError("derive_from must name a path, registry or arch model, not another derived one")
+            if not self.keep_layers:
+                raise ValueError("derive_from needs keep_layers: the indices of the layers to keep")
+            if self.keep_layers[0] < 0 or any(b <= a for a, b in zip(self.keep_layers, self.keep_layers[1:])):
+                raise ValueError(f"keep_layers must be increasing indices >= 0, got {self.keep_layers}")
+        elif self.keep_layers is not None:
+            raise ValueError("keep_layers is used only with derive_from")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -4,7 +4,9 @@ Every model ends up as a normal Hugging Face directory (config, tokenizer, safet
 a ``path`` model is used where it lies, a ``registry`` model is converted once from its
 package into ``{cache_dir}/models/{name}-{sha}`` (gt_ray.registry), an ``arch`` model is built from a transformers
 config, pretrained on the generated task world, and cached under
-``{cache_dir}/models/{model_type}-{hash}``, rebuilt when missing.
+``{cache_dir}/models/{model_type}-{hash}``, a ``derive_from`` model is cut from another
+model (a few of its layers) and healed by distillation from it, cached under
+``{cache_dir}/models/derived-{hash}``; all are rebuilt when missing.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gt_ray import storage
 from gt_ray import tasks as tasks_mod
-from gt_ray.config import ExperimentConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.config import ExperimentConfig, HealConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
 from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, hash_file, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
 logger = logging.getLogger(__name__)
 
 CARD_VERSION = 1
+BUILD_FILE = "gt_ray_build.json"
+"""How gt-ray made a built or derived model (recipe, losses, seconds), inside its directory."""
+DERIVE_VERSION = 1
+"""Bump when cutting or healing changes, so cached derived models are made again."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,12 +60,27 @@ def built_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str
     return Path(cache_dir).expanduser() / "models" / f"{spec.arch['model_type']}-{key}"
 
 
+def derived_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str]) -> Path:
+    """Where the derived-and-healed model of ``spec`` is cached, keyed by its teacher (its
+    cache directory's name, or a ``path`` teacher's weights hash), kept layers, heal recipe
+    and healing data."""
+    teacher = spec.derive_from
+    teacher_dir = cached_model_dir(teacher, cache_dir, task_names)
+    teacher_key = teacher_dir.name if teacher_dir is not None else weights_sha256(Path(teacher.path).expanduser())
+    key = config_hash({"teacher": teacher_key, "teacher_dtype": teacher.dtype, "keep_layers": spec.keep_layers,
+                       "heal": asdict(spec.heal), "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION,
+                       "derive": DERIVE_VERSION})
+    return Path(cache_dir).expanduser() / "models" / f"derived-{key}"
+
+
 def cached_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str]) -> Path | None:
     """Where gt-ray keeps the model of ``spec`` in its cache; ``None`` for a ``path`` model."""
     if spec.registry is not None:
         return converted_dir(get_model(spec.registry), cache_dir)
     if spec.arch is not None:
         return built_model_dir(spec, cache_dir, task_names)
+    if spec.derive_from is not None:
+        return derived_model_dir(spec, cache_dir, task_names)
     return None
 
 
@@ -75,11 +96,14 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
         on_step: called as ``on_step(step, loss)`` during pretraining, for progress.
 
     Raises:
-        ValueError: if a ``path`` does not hold a Hugging Face model, or a registry
-            model cannot be converted (see :func:`gt_ray.registry.fetch_model`).
+        ValueError: if a ``path`` does not hold a Hugging Face model, a registry
+            model cannot be converted (see :func:`gt_ray.registry.fetch_model`), or
+            ``keep_layers`` names a layer the teacher does not have.
     """
     if spec.registry is not None:
         return fetch_model(spec.registry, cache_dir)
+    if spec.derive_from is not None:
+        return _prepare_derived(spec, cache_dir, task_names, on_step)
     if spec.path is not None:
         p = Path(spec.path).expanduser()
         if not (p / "config.json").is_file():
@@ -106,10 +130,143 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "gt_ray_build.json").write_text(json.dumps(
+    (tmp / BUILD_FILE).write_text(json.dumps(
         {"arch": spec.arch, "pretrain": asdict(spec.pretrain), "params": count_params(model), **stats},
         indent=2, sort_keys=True))
     return publish_model_dir(tmp, out)
+
+
+def _prepare_derived(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
+                     on_step: Callable[[int, float], None] | None) -> Path:
+    teacher_dir = prepare_model(spec.derive_from, cache_dir, task_names)
+    out = derived_model_dir(spec, cache_dir, task_names)
+    if (out / COMPLETE_MARKER).is_file():
+        return out
+    teacher, tokenizer = load_model(teacher_dir, spec.derive_from.dtype)  # bfloat16 here makes healing faster
+    student = cut_layers(teacher, spec.keep_layers)
+    logger.info("healing %s (%d of %d layers, %d params) for %d steps", out.name, len(spec.keep_layers),
+                teacher.config.num_hidden_layers, count_params(student), spec.heal.steps)
+    t0 = time.time()
+    stats = heal(student, teacher, tokenizer, spec.heal, task_names, on_step)
+    stats["seconds"] = round(time.time() - t0, 1)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    teacher_card = {"path": str(Path(teacher_dir).resolve()), "weights_sha256": weights_sha256(teacher_dir),
+                    "n_layers": teacher.config.num_hidden_layers, "params": count_params(teacher)}
+    (tmp / BUILD_FILE).write_text(json.dumps(
+        {"derived_from": teacher_card, "keep_layers": list(spec.keep_layers), "heal": asdict(spec.heal),
+         "heal_data": {"tasks": sorted(task_names), "split": "public", "k_shown": True, "world": tasks_mod.WORLD_VERSION},
+         "params": count_params(student), **stats}, indent=2, sort_keys=True))
+    return publish_model_dir(tmp, out)
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The name and the ModuleList of a causal LM's decoder layers: the one ModuleList with
+    ``config.num_hidden_layers`` entries (no per-architecture attribute names)."""
+    n = model.config.num_hidden_layers
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the decoder layers of {type(model).__name__}: "
+                         f"{len(found)} module lists of num_hidden_layers={n} entries")
+    return found[0]
+
+
+def cut_layers(teacher: torch.nn.Module, keep_layers: list[int]) -> torch.nn.Module:
+    """A fresh model of the teacher's family with only the layers ``keep_layers``.
+
+    Same config except the layer count (and per-layer lists such as ``layer_types``, cut
+    alike); every weight is copied from the teacher: embeddings, the kept layers in order,
+    the final norm and the head, in float32. The teacher is left unchanged.
+
+    Raises:
+        ValueError: if a kept index is not a layer of the teacher.
+    """
+    n = teacher.config.num_hidden_layers
+    bad = [i for i in keep_layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"keep_layers {bad} out of range: the model has {n} layers (0..{n - 1})")
+    prefix, _ = _decoder_layers(teacher)
+    cfg = teacher.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    for key, value in list(cfg.items()):  # per-layer settings, e.g. layer_types
+        if isinstance(value, list) and len(value) == n and key not in ("architectures",):
+            cfg[key] = [value[i] for i in keep_layers]
+    cfg["num_hidden_layers"] = len(keep_layers)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # trained: float32 whatever the teacher's dtype
+    new_index = {old: new for new, old in enumerate(keep_layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix + "."):
+            old, rest = key[len(prefix) + 1:].split(".", 1)
+            if int(old) not in new_index:
+                continue
+            key = f"{prefix}.{new_index[int(old)]}.{rest}"
+        state[key] = value.float().clone()
+    student.load_state_dict(state, strict=True)
+    student.eval()
+    return student
+
+
+def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: tasks_mod.Batch,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, mean over non-pad positions,
+    times ``temperature`` squared (Hinton et al.'s scaling, so gradients keep their size)."""
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
+    s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
+    mask = batch.attention_mask.bool()
+    t_logp = torch.log_softmax(t_logits[mask] / temperature, dim=-1)  # (N, V)
+    s_logp = torch.log_softmax(s_logits[mask] / temperature, dim=-1)  # (N, V)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (N,)
+    return kl.mean() * temperature**2
+
+
+def heal(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, cfg: HealConfig, task_names: list[str],
+         on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Distill ``teacher`` into ``student`` on generated public-split text (task parameter
+    shown, as pretraining shows it), AdamW with warmup and cosine decay.
+
+    Embeddings and head stay frozen unless ``cfg.train_embeddings``. Returns the
+    distillation loss on a fixed held-out batch before and after healing.
+    """
+    rng = random.Random(cfg.seed)
+    held_out = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(
+        random.Random(f"heal-eval|{cfg.seed}"), task_names, 64))
+    if not cfg.train_embeddings:
+        for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    teacher.eval()
+    student.eval()
+    with torch.no_grad():
+        before = distill_loss(student, teacher, held_out, cfg.temperature).item()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
+    student.train()
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(rng, task_names, cfg.batch_size))
+        loss = distill_loss(student, teacher, batch, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        after = distill_loss(student, teacher, held_out, cfg.temperature).item()
+    tail = losses[-20:]
+    return {"kd_loss_before": before, "kd_loss_after": after, "final_loss": sum(tail) / len(tail)}
 
 
 def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names: list[str],
@@ -221,6 +378,9 @@ class ModelCard:
     layout_fingerprint: str
     n_layers: int
     d_layer: int
+    build: dict[str, Any] | None = None
+    """How a derived model was made (its :data:`BUILD_FILE` less timings): the teacher, the
+    layers kept, the heal recipe and its distillation losses. ``None`` for other models."""
 
 
 RECIPE_KEYS = ("steps", "lr", "batch_size", "weight_decay", "dtype")
@@ -262,6 +422,9 @@ class PairCard:
         data = asdict(self)
         if data["recipe"] is None:
             del data["recipe"]  # a card without a recipe keeps the id it had before recipes existed
+        for side in ("tiny", "llm"):
+            if data[side]["build"] is None:
+                del data[side]["build"]  # likewise for models gt-ray did not derive
         return config_hash(data, n=16)
 
     @property
@@ -312,9 +475,12 @@ def describe_model(path: str | Path, model: PeftModel, layout: UpdateLayout, ini
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
     cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "_name_or_path", "dtype", "torch_dtype")}
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    build_file = Path(path) / BUILD_FILE
+    build = json.loads(build_file.read_text()) if build_file.is_file() else {}
+    build = {k: v for k, v in build.items() if k != "seconds"} if "derived_from" in build else None
     return ModelCard(path=str(Path(path).resolve()), weights_sha256=weights_sha256(path), config_hash=config_hash(cfg),
                      n_params=base_params, init_seed=seed, init_sha256=tensor_sha256(init),
-                     layout_fingerprint=layout.fingerprint, n_layers=layout.n_layers, d_layer=layout.d_layer)
+                     layout_fingerprint=layout.fingerprint, n_layers=layout.n_layers, d_layer=layout.d_layer, build=build)
 
 
 @dataclass

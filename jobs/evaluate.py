@@ -68,7 +68,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     corpus, translator = load_corpus_and_translator(cfg)
     translate = translate or translator.translate
     card = corpus.card()  # from the manifest: works for a corpus at a URI too
-    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    tiny, llm = load_card_side(card, "tiny", cfg.pair.tiny.dtype), load_card_side(card, "llm", cfg.pair.llm.dtype)
     from jobs.train_translator import subset_split
 
     train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else

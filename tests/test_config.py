@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from gt_ray.config import (CollabConfig, DPConfig, ExperimentConfig, FinetuneConfig, LoraSpec, ModelSpec, from_dict,
-                           load_yaml)
+from gt_ray.config import (CollabConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
+                           from_dict, load_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,14 @@ def test_missing_pair_is_refused():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: ModelSpec(), "exactly one of 'path', 'registry' and 'arch'"),
-    (lambda: ModelSpec(path="x", arch={"model_type": "llama"}), "exactly one of 'path', 'registry' and 'arch'"),
+    (lambda: ModelSpec(), "exactly one of 'path', 'registry', 'arch' and 'derive_from'"),
+    (lambda: ModelSpec(path="x", arch={"model_type": "llama"}), "exactly one of 'path', 'registry', 'arch' and 'derive_from'"),
+    (lambda: ModelSpec(derive_from=ModelSpec(path="x")), "derive_from needs keep_layers"),
+    (lambda: ModelSpec(derive_from=ModelSpec(path="x"), keep_layers=[0, 2, 2]), "keep_layers must be increasing"),
+    (lambda: ModelSpec(derive_from=ModelSpec(derive_from=ModelSpec(path="x"), keep_layers=[0]), keep_layers=[0]),
+     "not another derived one"),
+    (lambda: ModelSpec(path="x", keep_layers=[0]), "keep_layers is used only with derive_from"),
+    (lambda: HealConfig(steps=10, warmup_steps=10), r"warmup_steps must be in \[0, steps\)"),
     (lambda: ModelSpec(arch={"hidden_size": 3}), "needs a 'model_type'"),
     (lambda: LoraSpec(rank=0), "rank must be > 0"),
     (lambda: LoraSpec(target_modules=["q_proj", "q_proj"]), "duplicates"),
@@ -64,3 +70,11 @@ def test_yaml_numbers_in_e_notation(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("pair: {tiny: {path: a}, llm: {path: b}}\nfinetune: {lr: 3e-3}\n")
     assert load_yaml(p).finetune.lr == pytest.approx(3e-3)
+
+
+def test_derived_model_spec_from_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pair: {tiny: {derive_from: {path: big}, keep_layers: [0, 5], heal: {steps: 7, warmup_steps: 2}}, llm: {path: big}}\n")
+    tiny = load_yaml(p).pair.tiny
+    assert tiny.derive_from == ModelSpec(path="big")
+    assert tiny.keep_layers == [0, 5] and tiny.heal.steps == 7

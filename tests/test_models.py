@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from gt_ray.config import PairConfig
-from gt_ray.models import PairCard, load_card_side, load_model, load_with_lora, make_pair_card
+from gt_ray.config import HealConfig, ModelSpec, PairConfig
+from gt_ray.models import (BUILD_FILE, PairCard, _decoder_layers, cached_model_dir, cut_layers, load_card_side, load_model,
+                           load_with_lora, make_pair_card, prepare_model)
 from gt_ray.updates import read_lora, seeded_lora_init
-from tests.conftest import tiny_spec
+from tests.conftest import TASK_NAMES, tiny_spec
 
 
 def test_same_card_gives_bit_identical_lora_init(tiny_path, lora):
@@ -65,3 +66,54 @@ def test_built_model_is_a_normal_hf_directory(tiny_path):
     ids = tok("C3:abcde=", add_special_tokens=False).input_ids
     assert tok.decode(ids) == "C3:abcde="
     assert model(torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
+
+
+def test_family_tinylm_is_cut_from_the_llm_healed_and_cached(lora, tmp_path):
+    """A TinyLM derived from a 4-layer Llama (standing in for SmolLM2): the teacher's
+    tokenizer, two of its layers, finite weights, healing lowers the distillation loss, the
+    cache is reused, and the pair card records how it was made."""
+    cache = tmp_path / "cache"
+    teacher_spec = tiny_spec(hidden=48, layers=4, heads=6, kv_heads=2, ffn=96, steps=40)
+    spec = ModelSpec(derive_from=teacher_spec, keep_layers=[0, 3],
+                     heal=HealConfig(steps=30, lr=3e-3, batch_size=16, warmup_steps=2, num_threads=1))
+    steps = []
+    path = prepare_model(spec, cache, TASK_NAMES, on_step=lambda step, loss: steps.append(loss))
+    assert len(steps) == 30 and path == cached_model_dir(spec, cache, TASK_NAMES)
+    teacher_path = prepare_model(teacher_spec, cache, TASK_NAMES)
+    student, tok = load_model(path)
+    teacher, teacher_tok = load_model(teacher_path)
+    assert tok.get_vocab() == teacher_tok.get_vocab()
+    assert student.config.num_hidden_layers == 2 and len(_decoder_layers(student)[1]) == 2
+    assert all(bool(torch.isfinite(p).all()) for p in student.parameters())
+    # Embeddings and head are the teacher's (frozen by default); the kept layers moved while healing.
+    torch.testing.assert_close(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    torch.testing.assert_close(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    assert not torch.equal(student.model.layers[1].self_attn.q_proj.weight, teacher.model.layers[3].self_attn.q_proj.weight)
+    build = json.loads((path / BUILD_FILE).read_text())
+    assert build["keep_layers"] == [0, 3] and build["derived_from"]["n_layers"] == 4
+    assert build["kd_loss_after"] < 0.8 * build["kd_loss_before"]
+
+    # Cached: a second prepare neither heals again nor rewrites the weights.
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    assert prepare_model(spec, cache, TASK_NAMES, on_step=lambda step, loss: steps.append(loss)) == path
+    assert len(steps) == 30 and (path / "model.safetensors").stat().st_mtime_ns == mtime
+    # Another recipe is another model.
+    other = ModelSpec(derive_from=teacher_spec, keep_layers=[0, 1], heal=spec.heal)
+    assert cached_model_dir(other, cache, TASK_NAMES) != path
+
+    card = make_pair_card(PairConfig(tiny=spec, llm=teacher_spec, lora=lora), path, teacher_path)
+    assert card.tiny.build["keep_layers"] == [0, 3] and card.tiny.build["heal"]["steps"] == 30
+    assert "seconds" not in card.tiny.build and card.llm.build is None
+    assert PairCard.load(card.save(tmp_path / "card.json")) == card
+    assert (card.tiny.n_layers, card.llm.n_layers) == (2, 4)
+
+
+def test_cut_layers_keeps_the_chosen_layers_and_refuses_missing_ones(gqa_path):
+    teacher, _ = load_model(gqa_path)  # 3 layers
+    student = cut_layers(teacher, [0, 2])
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[2].mlp.up_proj.weight)
+    ids = torch.tensor([[3, 4, 5]])
+    assert student(ids).logits.shape == teacher(ids).logits.shape
+    assert len(_decoder_layers(teacher)[1]) == 3  # the teacher is unchanged
+    with pytest.raises(ValueError, match=r"keep_layers \[3\] out of range: the model has 3 layers \(0..2\)"):
+        cut_layers(teacher, [0, 3])

@@ -23,3 +23,48 @@ def test_report_scores_tasks_and_mixtures_on_both_models(tiny_path, gqa_path, lo
     assert all(w >= 0.1 for r in m["rows"] for w in r["mixture"].values())
     assert "organization-like mixtures" in prepare_pair.format_report(rep)
     assert "mixtures" not in prepare_pair.report(cfg, card, n_datasets=1, n_test=10, task_names=["add"])
+
+
+def test_prepare_derives_the_tinylm_from_the_llm_and_reports_it(tmp_path):
+    """`pair prepare` with a family TinyLM: cut from the config's LLM, healed, cached, its
+    recipe in the card; the report names how it was made and both models share a vocabulary."""
+    from dataclasses import replace
+
+    from gt_ray.config import HealConfig, ModelSpec
+    from gt_ray.evaluate import shares_vocabulary
+    from gt_ray.models import load_card_side
+
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+    tiny = ModelSpec(derive_from=cfg.pair.llm, keep_layers=[2],
+                     heal=HealConfig(steps=10, lr=3e-3, batch_size=8, warmup_steps=1, num_threads=1))
+    cfg = replace(cfg, pair=replace(cfg.pair, tiny=tiny), work_dir=str(tmp_path / "work"), cache_dir=str(tmp_path / "cache"))
+    card = prepare_pair.prepare(cfg)
+    assert (card.tiny.n_layers, card.llm.n_layers) == (1, 3)
+    assert card.tiny.build["keep_layers"] == [2] and card.tiny.build["derived_from"]["weights_sha256"] == card.llm.weights_sha256
+    assert prepare_pair.load_or_prepare_card(cfg) == card  # cached: the same models, the same card
+    assert shares_vocabulary(load_card_side(card, "tiny").tokenizer, load_card_side(card, "llm").tokenizer)
+    rep = prepare_pair.report(cfg, card, n_datasets=1, n_test=10, task_names=["add"])
+    assert rep["models"]["tiny"]["derived"]["keep_layers"] == [2]
+    assert "layers [2] of the LLM's 3, healed 10 steps" in prepare_pair.format_report(rep)
+
+
+def test_report_with_no_single_task_datasets_reports_mixtures_only(tiny_path, gqa_path, lora):
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+    card = make_pair_card(PairConfig(tiny=cfg.pair.tiny, llm=cfg.pair.llm, lora=lora), tiny_path, gqa_path)
+    rep = prepare_pair.report(cfg, card, n_datasets=0, n_test=10, n_mixtures=1)
+    assert rep["tasks"] == {} and rep["mixtures"]["n"] == 1
+    assert "organization-like mixtures" in prepare_pair.format_report(rep)
+
+
+def test_a_layer_the_llm_lacks_is_one_error_line(tmp_path, capsys):
+    import yaml
+
+    from jobs.common import run_main
+
+    data = yaml.safe_load((ROOT / "configs/ci.yaml").read_text())
+    data["pair"]["tiny"] = {"derive_from": data["pair"]["llm"], "keep_layers": [0, 7]}
+    data.update(cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    assert run_main(prepare_pair.main, ["prepare", "--config", str(bad)]) == 2
+    assert "error: pair.tiny: keep_layers [7] out of range: the model has 3 layers (0..2)" in capsys.readouterr().err
