@@ -21,7 +21,7 @@ import torch
 
 from gt_ray.config import FinetuneConfig
 from gt_ray.finetune import FinetuneResult, finetune
-from gt_ray.models import LoadedModel
+from gt_ray.models import LoadedModel, token_kl
 from gt_ray.tasks import Batch, Example
 from gt_ray.updates import apply_update
 
@@ -106,10 +106,8 @@ def logit_kd_loss(teacher: torch.nn.Module, temperature: float = 1.0) -> LossFn:
             raise ValueError(f"teacher logits {tuple(target.shape)} do not match the student's {tuple(student.shape)}: "
                              "logit KD needs one vocabulary")
         mask = batch.labels[:, 1:] != -100  # (B, T-1)
-        log_s = torch.log_softmax(student / temperature, dim=-1)
-        log_t = torch.log_softmax(target / temperature, dim=-1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1) * mask  # (B, T-1)
-        return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean() * temperature**2
+        kl = token_kl(student, target, temperature) * mask  # (B, T-1)
+        return (kl.sum(1) / mask.sum(1).clamp(min=1)).mean()
 
     return loss
 

@@ -219,10 +219,15 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: task
         t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
     s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
     mask = batch.attention_mask.bool()
-    t_logp = torch.log_softmax(t_logits[mask] / temperature, dim=-1)  # (N, V)
-    s_logp = torch.log_softmax(s_logits[mask] / temperature, dim=-1)  # (N, V)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (N,)
-    return kl.mean() * temperature**2
+    return token_kl(s_logits[mask], t_logits[mask], temperature).mean()  # mean over (N,) positions
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position ``KL(teacher || student)`` of next-token distributions at ``temperature``,
+    times ``temperature`` squared: logits (..., V) -> (...)."""
+    t_logp = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    s_logp = torch.log_softmax(student_logits / temperature, dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1) * temperature**2
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, cfg: HealConfig, task_names: list[str],
