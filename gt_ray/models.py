@@ -250,13 +250,29 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, cfg: Hea
     student.eval()
     with torch.no_grad():
         before = distill_loss(student, teacher, held_out, cfg.temperature).item()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     student.train()
+    losses = _train_on_pretraining_batches(
+        params, lambda batch: distill_loss(student, teacher, batch, cfg.temperature), tokenizer, rng, task_names, cfg,
+        weight_decay=0.0, on_step=on_step)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        after = distill_loss(student, teacher, held_out, cfg.temperature).item()
+    tail = losses[-20:]
+    return {"kd_loss_before": before, "kd_loss_after": after, "final_loss": sum(tail) / len(tail)}
+
+
+def _train_on_pretraining_batches(params: list, loss_of: Callable, tokenizer, rng: random.Random, task_names: list[str],
+                                  cfg, weight_decay: float, on_step: Callable[[int, float], None] | None) -> list[float]:
+    """AdamW (warmup + cosine, grad norm clipped at 1) on ``cfg.steps`` generated public-split
+    batches of ``cfg.batch_size``; returns the loss of every step. Shared by healing and pretraining."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     losses = []
     for step in range(1, cfg.steps + 1):
         batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(rng, task_names, cfg.batch_size))
-        loss = distill_loss(student, teacher, batch, cfg.temperature)
+        loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,13 +281,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, cfg: Hea
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    with torch.no_grad():
-        after = distill_loss(student, teacher, held_out, cfg.temperature).item()
-    tail = losses[-20:]
-    return {"kd_loss_before": before, "kd_loss_after": after, "final_loss": sum(tail) / len(tail)}
+    return losses
 
 
 def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names: list[str],
@@ -282,21 +292,9 @@ def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names:
     inputs are random strings, nothing to learn there). Returns final loss figures.
     """
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     model.train()
-    losses = []
-    for step in range(1, cfg.steps + 1):
-        batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(rng, task_names, cfg.batch_size))
-        loss = lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
+    losses = _train_on_pretraining_batches(list(model.parameters()), lambda batch: lm_loss(model, batch), tokenizer, rng,
+                                           task_names, cfg, weight_decay=0.01, on_step=on_step)
     model.eval()
     tail = losses[-50:]
     return {"final_loss": sum(tail) / len(tail)}
