@@ -41,7 +41,7 @@ import torch
 
 from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig
 from gt_ray.models import make_pair_card, prepare_model
-from gt_ray.rounds import update_to_bytes
+from gt_ray.wire import update_to_bytes
 from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, save_translator
 
 APP = "gt-ray-bench"

@@ -52,7 +52,8 @@ from gt_ray.models import load_card_side
 from gt_ray.org import SubmissionError, submit_vector
 from gt_ray.rounds import RoundSpec, RoundStore, compute_round_update, write_norm_bound, write_stacked_adapter
 from gt_ray.translator import load_translator
-from gt_ray.updates import export_peft_adapter, save_update
+from gt_ray.updates import export_peft_adapter
+from gt_ray.wire import save_update
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUND_KINDS = [

@@ -109,7 +109,7 @@ from gt_ray.privacy import (
     VectorMechanism,
     privatize,
 )
-from gt_ray.updates import load_update, save_update
+from gt_ray.wire import HEADER_VALUE, check_id, load_update, save_update
 
 if TYPE_CHECKING:
     from gt_ray.models import LoadedModel, PairCard
@@ -118,10 +118,6 @@ logger = logging.getLogger(__name__)
 
 GENERATED_PREFIX = "generated:"
 """``--data`` values starting with this describe a generated dataset, not a file."""
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""Allowed organization and round ids (they go into URLs and ledger keys)."""
-HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,4096}")
-"""Tokens and idempotency keys: printable ASCII, no whitespace (no header injection)."""
 RETRY_STATUSES = (502, 503, 504)
 RECEIPT_KEYS = ("receipt_id", "round_id", "org_id", "sha256", "received_at", "duplicate")
 SUBMISSIONS_PATH = "/v1/rounds/{round_id}/submissions"
@@ -486,18 +482,6 @@ def derive_seed(seed: int, purpose: str) -> int:
 def progress_steps(steps: int, n: int = 10) -> list[int]:
     """About ``n`` evenly spaced snapshot steps ending at ``steps`` (for a progress bar)."""
     return sorted({max(1, round(steps * i / n)) for i in range(1, n + 1)})
-
-
-def check_id(name: str, value: str) -> str:
-    """Check an organization or round id: ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 128 chars.
-
-    Raises:
-        ValueError: if it does not match.
-    """
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"{name} must be 1-128 characters of letters, digits, '.', '_' or '-' "
-                         f"(starting with a letter or digit), got {value!r}")
-    return value
 
 
 # -------------------------------------------------------------------------- evaluate

@@ -79,7 +79,6 @@ import math
 import os
 import secrets
 import shutil
-import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -94,9 +93,10 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from gt_ray import storage
 from gt_ray.aggregate import AGGREGATION_RULES, add_gaussian_noise, aggregate, mean_sensitivity, stack_lora_factors
-from gt_ray.org import check_id
 from gt_ray.privacy import UNIT_OF_PRIVACY, analytic_gaussian_sigma, clip_l2
-from gt_ray.updates import UPDATE_FORMAT, UPDATE_TENSOR, export_peft_adapter, split_factors, validate_update
+from gt_ray.updates import export_peft_adapter, split_factors
+from gt_ray.wire import (DEFAULT_OUTLIER_FACTOR, ROBUST_RULES, NormBound, _is_number, check_id, check_update_content,
+                          parse_update_bytes, update_to_bytes)
 
 if TYPE_CHECKING:
     from gt_ray.models import LoadedModel, PairCard
@@ -120,16 +120,9 @@ TRANSLATED_FILE = "translated.safetensors"
 TRANSLATED_TENSOR = "updates"
 ADAPTER_DIR = "adapter"
 ADAPTER_ZIP = "adapter.zip"
-MAX_HEADER_BYTES = 1 << 20
-"""A safetensors header longer than this is refused before it is parsed."""
-SAFETENSORS_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 NORM_BOUND_FILE = "input_norms.json"
 """Written beside the translator checkpoint by :func:`write_norm_bound`."""
 NORM_BOUND_FORMAT = "gt-ray-input-norms-v1"
-DEFAULT_OUTLIER_FACTOR = 10.0
-"""A submission's norm may be this many times above the corpus' largest, or below its smallest."""
-ROBUST_RULES = ("median", "trimmed_mean")
-"""Rules for which one vector far out moves the aggregate a bounded amount."""
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 """Fixed zip entry dates, so the same adapter always zips to the same bytes."""
 
@@ -258,9 +251,6 @@ class RoundSpec:
         return cls(**data)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
 
 # ----------------------------------------------------------------------------- state
 
@@ -345,132 +335,7 @@ class RoundState:
 # ----------------------------------------------------------------------------- vector bytes
 
 
-def parse_update_bytes(blob: bytes, expected_fingerprint: str,
-                       shape: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Parse and validate an update-vector file received as bytes (never pickle).
-
-    The header is read and checked before any tensor is built: the 8-byte length, a JSON
-    header of at most :data:`MAX_HEADER_BYTES`, the gt-ray update format, exactly one
-    float tensor named ``update``; then ``safetensors.torch.load`` builds it and
-    :func:`gt_ray.updates.validate_update` checks fingerprint, dtype and finite values.
-
-    Args:
-        blob: the file's bytes.
-        expected_fingerprint: the layout fingerprint of the card's model side.
-        shape: the layout's ``(n_layers, d_layer)``.
-
-    Returns:
-        ``(tensor, metadata)``: the vector as float32 ``(n_layers, d_layer)``; its metadata
-        dict with a ``fingerprint`` key.
-
-    Raises:
-        ValueError: with a message saying what is wrong.
-    """
-    if len(blob) < 8:
-        raise ValueError(f"not a safetensors file: {len(blob)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > min(len(blob) - 8, MAX_HEADER_BYTES):
-        raise ValueError(f"not a safetensors file: header length {n} exceeds the "
-                         f"{min(len(blob) - 8, MAX_HEADER_BYTES)} bytes available")
-    try:
-        header = json.loads(blob[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("not a safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file: its header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or meta.get("format") != UPDATE_FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"not a gt-ray update vector (format {fmt!r}, expected {UPDATE_FORMAT!r})")
-    if set(header) != {UPDATE_TENSOR}:
-        raise ValueError(f"an update vector holds exactly one tensor named {UPDATE_TENSOR!r}, "
-                         f"found {sorted(header)[:8]}")
-    info = header[UPDATE_TENSOR]
-    dtype = info.get("dtype") if isinstance(info, dict) else None
-    if dtype not in SAFETENSORS_FLOAT_DTYPES:
-        raise ValueError(f"update dtype must be one of {', '.join(SAFETENSORS_FLOAT_DTYPES)}, got {dtype!r}")
-    try:
-        tensor = load_safetensors_bytes(blob)[UPDATE_TENSOR]
-    except Exception as e:  # safetensors raises its own error type for bad offsets or lengths
-        raise ValueError(f"not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
-    validate_update(tensor, None, meta.get("fingerprint"), expected_fingerprint)
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"update has shape {list(tensor.shape)}, the card's layout needs {list(shape)}")
-    try:
-        extra = json.loads(meta.get("metadata", "{}"))
-    except json.JSONDecodeError:
-        raise ValueError("the update's metadata is not JSON") from None
-    if not isinstance(extra, dict):
-        raise ValueError("the update's metadata is not a JSON object")
-    return tensor.float(), {**extra, "fingerprint": meta["fingerprint"]}
-
-
-def update_to_bytes(update: torch.Tensor, fingerprint: str, metadata: dict[str, Any] | None = None) -> bytes:
-    """An update vector as safetensors bytes, the same format :func:`gt_ray.updates.save_update` writes.
-
-    Args:
-        update: ``(n_layers, d_layer)``, finite.
-        fingerprint: the layout fingerprint it belongs to.
-        metadata: JSON-able provenance.
-
-    Raises:
-        ValueError: if the update is invalid.
-    """
-    validate_update(update)
-    meta = {"format": UPDATE_FORMAT, "fingerprint": fingerprint,
-            "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    return save_safetensors_bytes({UPDATE_TENSOR: update.detach().float().contiguous().cpu()}, metadata=meta)
-
-
 # ----------------------------------------------------------------------------- what a vector may hold
-
-
-@dataclass(frozen=True)
-class NormBound:
-    """The L2 norms a submitted TinyLM vector may have: the corpus' range widened by ``factor``."""
-
-    min_norm: float
-    """Smallest norm of the shadow corpus' TinyLM updates."""
-    max_norm: float
-    """Largest norm of the shadow corpus' TinyLM updates."""
-    factor: float = DEFAULT_OUTLIER_FACTOR
-    """Accepted: ``[min_norm / factor, max_norm * factor]``."""
-
-    def __post_init__(self) -> None:
-        if not (_is_number(self.min_norm) and _is_number(self.max_norm) and 0 < self.min_norm <= self.max_norm):
-            raise ValueError(f"norm bound needs 0 < min_norm <= max_norm, got {self.min_norm!r}, {self.max_norm!r}")
-        if not (_is_number(self.factor) and self.factor >= 1):
-            raise ValueError(f"outlier factor must be a finite number >= 1, got {self.factor!r}")
-
-    @property
-    def low(self) -> float:
-        return self.min_norm / self.factor
-
-    @property
-    def high(self) -> float:
-        return self.max_norm * self.factor
-
-
-def check_update_content(update: torch.Tensor, bound: NormBound | None = None) -> None:
-    """Refuse an all-zero update, and one whose L2 norm is outside ``bound`` (when given).
-
-    Args:
-        update: a TinyLM vector ``(L_tiny, d_tiny)``, already finite (:func:`parse_update_bytes`).
-        bound: the accepted norms; ``None`` checks zeros only.
-
-    Raises:
-        ValueError: with a message that says what is wrong and what the range is.
-    """
-    if not bool(update.any()):
-        raise ValueError("the update vector is all zeros: a fine-tune that learned nothing, which would only "
-                         "dilute the round's aggregate; check that the fine-tune moved the LoRA weights")
-    if bound is None:
-        return
-    norm = float(update.norm())
-    if not bound.low <= norm <= bound.high:
-        raise ValueError(f"the update's L2 norm {norm:.4g} is outside [{bound.low:.4g}, {bound.high:.4g}], the "
-                         f"shadow corpus' range [{bound.min_norm:.4g}, {bound.max_norm:.4g}] widened {bound.factor:g}x; "
-                         f"only a round with rule {' or '.join(ROBUST_RULES)} and accept_outliers takes it")
 
 
 def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> str | Path:

@@ -8,6 +8,8 @@ their credentials and endpoint from the usual places (``AWS_*`` environment vari
 ``AWS_ENDPOINT_URL`` for an S3-compatible server, instance roles) or from URI query
 parameters that pyarrow understands (``s3://bucket/run?endpoint_override=host:9000&scheme=http``).
 
+This module is the one home of atomic writes and sha256 digests in gt-ray.
+
 Writes are all-or-nothing: locally a temporary name, fsync and rename; on an object store
 an object appears only once its upload completes, so it is written under its final name.
 """
@@ -15,6 +17,7 @@ an object appears only once its upload completes, so it is written under its fin
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import uuid
@@ -156,6 +159,16 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
 
 def write_text(location: str | os.PathLike, text: str) -> None:
     write_bytes(location, text.encode())
+
+
+def write_json(location: str | os.PathLike, data: object) -> None:
+    """Write ``data`` as indented, key-sorted JSON (no NaN) atomically (see :func:`open_output`)."""
+    write_text(location, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def sha256_bytes(blob: bytes) -> str:
+    """Hex sha256 of bytes: the one digest used for files, vectors and receipts."""
+    return hashlib.sha256(blob).hexdigest()
 
 
 def sha256(location: str | os.PathLike) -> str:

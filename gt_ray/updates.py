@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-UPDATE_TENSOR = "update"
-"""Name of the tensor inside an update-vector safetensors file."""
-UPDATE_FORMAT = "gt-ray-update-v1"
 MAX_UPDATE_ELEMENTS = 1 << 31
 """Refuse update vectors beyond this many values (about 8 GiB of float32)."""
 
@@ -195,57 +190,6 @@ def validate_update(tensor: torch.Tensor, layout: UpdateLayout | None = None, fi
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"update has {bad} non-finite value(s) (NaN or inf)")
-
-
-def save_update(path: str | Path, update: torch.Tensor, fingerprint: str, metadata: dict[str, Any] | None = None) -> Path:
-    """Write an update vector as safetensors with JSON metadata (fingerprint, provenance).
-
-    The file is written to a temporary name and renamed, so a reader never sees half a file.
-    """
-    validate_update(update)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": UPDATE_FORMAT, "fingerprint": fingerprint,
-            "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({UPDATE_TENSOR: update.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def load_update(path: str | Path, layout: UpdateLayout | None = None,
-                expected_fingerprint: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read and validate an update vector file.
-
-    Returns:
-        (tensor (n_layers, d_layer) float32, metadata dict with a ``fingerprint`` key)
-
-    Raises:
-        ValueError: if the file is missing or not a gt-ray update, or validation fails.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"update file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if UPDATE_TENSOR not in f.keys():
-                raise ValueError(f"{path}: no '{UPDATE_TENSOR}' tensor; not a gt-ray update file")
-            tensor = f.get_tensor(UPDATE_TENSOR)
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    if header.get("format") != UPDATE_FORMAT:
-        raise ValueError(f"{path}: not a gt-ray update file (format {header.get('format')!r})")
-    meta = json.loads(header.get("metadata", "{}"))
-    meta["fingerprint"] = header.get("fingerprint")
-    fp = expected_fingerprint or (layout.fingerprint if layout is not None else None)
-    try:
-        validate_update(tensor, layout, meta["fingerprint"], fp)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return tensor.float(), meta
 
 
 def export_peft_adapter(peft_model: torch.nn.Module, layout: UpdateLayout, init: torch.Tensor,

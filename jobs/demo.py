@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     with service_round.running_service(cfg, train_translator.translator_dir(cfg), card_path, out / "tokens.json",
                                        ray.get_runtime_context().gcs_address) as url:
         round_info = stage("service_round", service_round.run_round, cfg, card_path, url, tokens, cfg.eval.seeds[0])
-        translate = service_round.http_translator(url, tokens["admin"], card.tiny.layout_fingerprint)
+        translate = service_round.http_translator(url, tokens["admin"], card)
         results = stage("eval", evaluate.evaluate, cfg, translate)
     results["service_round"] = round_info
     results["stage_seconds"] = times

@@ -25,13 +25,12 @@ from typing import Iterator
 
 import requests
 import torch
-from safetensors.torch import load as st_load, save as st_save
 
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import draw_org_specs
 from gt_ray.models import PairCard
 from gt_ray.org import finetune_org, submit_vector
-from gt_ray.updates import UPDATE_FORMAT, UPDATE_TENSOR
+from gt_ray.wire import parse_update_bytes, update_to_bytes
 from jobs.common import kv, work_dir
 
 
@@ -86,19 +85,20 @@ def running_service(cfg: ExperimentConfig, checkpoint: Path, card_path: Path, to
         log.close()
 
 
-def http_translator(url: str, token: str, fingerprint: str):
+def http_translator(url: str, token: str, card: PairCard):
     """A translate function (B, L_tiny, d_tiny) -> (B, L_llm, d_llm) that calls POST /v1/translate."""
     session = requests.Session()
 
     def translate(x: torch.Tensor) -> torch.Tensor:
         outs = []
         for v in x:
-            blob = st_save({UPDATE_TENSOR: v.float().contiguous()}, metadata={"format": UPDATE_FORMAT, "fingerprint": fingerprint,
-                                                                             "metadata": "{}"})
+            blob = update_to_bytes(v, card.tiny.layout_fingerprint)
             r = session.post(f"{url}/v1/translate", json={"vector_b64": base64.b64encode(blob).decode()},
                              headers={"Authorization": f"Bearer {token}"}, timeout=120)
             r.raise_for_status()
-            outs.append(st_load(base64.b64decode(r.json()["vector_b64"]))[UPDATE_TENSOR])
+            y, _ = parse_update_bytes(base64.b64decode(r.json()["vector_b64"]), card.llm.layout_fingerprint,
+                                      (card.llm.n_layers, card.llm.d_layer))
+            outs.append(y)
         return torch.stack(outs)
 
     return translate

@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gt_ray import storage
 from gt_ray.aggregate import AGGREGATION_RULES
-from gt_ray.org import ID_PATTERN
-from gt_ray.rounds import DEFAULT_MODE, DEFAULT_OUTLIER_FACTOR, ROUND_MODES, ROUND_STATUSES
+from gt_ray.wire import ID_PATTERN
+from gt_ray.rounds import DEFAULT_MODE, ROUND_MODES, ROUND_STATUSES
+from gt_ray.wire import DEFAULT_OUTLIER_FACTOR
 from gt_ray.translator import CONFIG_FILENAME
 
 ID_REGEX = f"^{ID_PATTERN.pattern}$"

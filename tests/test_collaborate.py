@@ -11,7 +11,7 @@ from gt_ray import tasks
 from gt_ray.config import CollabConfig, ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig, TaskConfig
 from gt_ray.evaluate import score_update
 from gt_ray.models import load_card_side, make_pair_card
-from gt_ray.rounds import NormBound
+from gt_ray.wire import NormBound
 from jobs import cli, collaborate
 from tests.conftest import TASK_NAMES, tiny_spec
 

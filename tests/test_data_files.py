@@ -14,7 +14,7 @@ from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig
 from gt_ray.corpus import (Corpus, corpus_schema, finetune_pair, plan_subsets, shadow_examples, subset_config,
                            write_manifest, write_shard)
 from gt_ray.models import build_char_tokenizer, load_card_side, make_pair_card, recipe_of
-from gt_ray.updates import load_update
+from gt_ray.wire import load_update
 from tests.conftest import tiny_spec
 
 FT = FinetuneConfig(lr=3e-3, steps=6, batch_size=8, n_examples=24, snapshot_steps=[4, 6])

@@ -18,7 +18,7 @@ from gt_ray import org
 from gt_ray.config import DPConfig, FinetuneConfig, PairConfig
 from gt_ray.models import make_pair_card
 from gt_ray.privacy import BudgetExceededError, PrivacyLedger, VectorMechanism
-from gt_ray.updates import load_update, save_update
+from gt_ray.wire import load_update, save_update
 from tests.conftest import ROOT, tiny_spec
 
 CFG = FinetuneConfig(lr=3e-3, steps=8, batch_size=8, snapshot_steps=[4, 8])

@@ -11,7 +11,7 @@ import torch
 from gt_ray import org
 from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig
 from gt_ray.models import PairCard, make_pair_card, recipe_of
-from gt_ray.updates import load_update
+from gt_ray.wire import load_update
 from tests.conftest import tiny_spec
 
 DATA = "generated:k=3,mix=caesar:0.5/add:0.5,n=32,seed=7"

@@ -3,8 +3,8 @@ import torch
 from peft import PeftModel
 
 from gt_ray.models import load_model, load_with_lora
-from gt_ray.updates import (apply_update, derive_layout, export_peft_adapter, load_update, read_lora, save_update,
-                            split_factors, write_lora)
+from gt_ray.updates import apply_update, derive_layout, export_peft_adapter, read_lora, split_factors, write_lora
+from gt_ray.wire import load_update, save_update
 
 
 def _random_update(layout, seed=0):
