@@ -91,11 +91,10 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from gt_ray import storage
 from gt_ray.aggregate import AGGREGATION_RULES, add_gaussian_noise, aggregate, mean_sensitivity, stack_lora_factors
 from gt_ray.privacy import UNIT_OF_PRIVACY, analytic_gaussian_sigma, clip_l2
 from gt_ray.updates import export_peft_adapter, split_factors
-from gt_ray.wire import (DEFAULT_OUTLIER_FACTOR, ROBUST_RULES, NormBound, _is_number, check_id, check_update_content,
+from gt_ray.wire import (ROBUST_RULES, NormBound, _is_number, check_id, check_update_content,
                           parse_update_bytes, update_to_bytes)
 
 if TYPE_CHECKING:
@@ -120,9 +119,6 @@ TRANSLATED_FILE = "translated.safetensors"
 TRANSLATED_TENSOR = "updates"
 ADAPTER_DIR = "adapter"
 ADAPTER_ZIP = "adapter.zip"
-NORM_BOUND_FILE = "input_norms.json"
-"""Written beside the translator checkpoint by :func:`write_norm_bound`."""
-NORM_BOUND_FORMAT = "gt-ray-input-norms-v1"
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 """Fixed zip entry dates, so the same adapter always zips to the same bytes."""
 
@@ -336,65 +332,6 @@ class RoundState:
 
 
 # ----------------------------------------------------------------------------- what a vector may hold
-
-
-def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> str | Path:
-    """Write the norms of the corpus' TinyLM updates beside a translator checkpoint.
-
-    Args:
-        checkpoint_dir: the translator checkpoint directory (a path or a URI, see
-            :mod:`gt_ray.storage`); gets :data:`NORM_BOUND_FILE`.
-        vectors: the corpus' raw TinyLM updates ``(N, L_tiny, d_tiny)`` (before normalizing).
-        fingerprint: their TinyLM layout fingerprint, recorded and checked by :func:`load_norm_bound`.
-
-    Returns:
-        The file's location (a ``Path`` for a path, else the URI).
-
-    Raises:
-        ValueError: no vectors, non-finite values, or a zero vector among them.
-    """
-    if vectors.dim() != 3 or vectors.shape[0] == 0:
-        raise ValueError(f"vectors must be (N >= 1, L_tiny, d_tiny), got {tuple(vectors.shape)}")
-    norms = vectors.detach().double().flatten(1).norm(dim=1)  # (N,)
-    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
-        raise ValueError("the corpus' TinyLM vectors must be finite and non-zero to bound the input norms")
-    q = torch.quantile(norms, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
-    data = {"format": NORM_BOUND_FORMAT, "fingerprint": fingerprint, "n_vectors": int(norms.numel()),
-            "min_norm": float(norms.min()), "max_norm": float(norms.max()), "p01_norm": q[0], "median_norm": q[1],
-            "p99_norm": q[2]}
-    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
-    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    return path if storage.is_uri(path) else Path(path)
-
-
-def load_norm_bound(checkpoint_dir: str | Path, factor: float = DEFAULT_OUTLIER_FACTOR,
-                    fingerprint: str | None = None) -> NormBound | None:
-    """The bound stored beside a translator checkpoint, or ``None`` when it has none (logged).
-
-    Args:
-        checkpoint_dir: the translator checkpoint directory, a path or a URI.
-        factor: how far outside the corpus' range a norm may be.
-        fingerprint: the card's TinyLM layout fingerprint; a file for another layout is refused.
-
-    Raises:
-        ValueError: a file that is not a norm bound, or one for another layout.
-    """
-    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
-    if not storage.is_file(path):
-        logger.warning("no %s beside the translator checkpoint: the input norm bound is off", path)
-        return None
-    try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError:
-        raise ValueError(f"{path} is not JSON") from None
-    if not isinstance(data, dict) or data.get("format") != NORM_BOUND_FORMAT:
-        raise ValueError(f"{path} is not a gt-ray input norm file (format {NORM_BOUND_FORMAT!r})")
-    if fingerprint is not None and data.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(f"{path} was written for TinyLM layout {data['fingerprint']!r}, not the card's {fingerprint!r}")
-    bound = NormBound(data["min_norm"], data["max_norm"], factor)
-    logger.info("input norm bound [%.4g, %.4g] (corpus [%.4g, %.4g] x%g)", bound.low, bound.high, bound.min_norm,
-                bound.max_norm, factor)
-    return bound
 
 
 # ----------------------------------------------------------------------------- the round's update

@@ -55,7 +55,8 @@ from gt_ray.config import ExperimentConfig, config_hash
 from gt_ray.evaluate import Scores, score_model, score_update
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, load_card_side, load_model
-from gt_ray.rounds import RoundSpec, compute_round_update, load_norm_bound, write_stacked_adapter
+from gt_ray.rounds import RoundSpec, compute_round_update, write_stacked_adapter
+from gt_ray.wire import load_norm_bound
 from gt_ray.wire import NormBound, check_update_content
 from gt_ray.translator import MODEL_FILENAME
 from jobs.common import base_parser, kv, load_config, work_dir, write_json

@@ -25,7 +25,7 @@ import yaml
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus, split_by_subset
-from gt_ray.rounds import write_norm_bound
+from gt_ray.wire import write_norm_bound
 from gt_ray.translator import CONFIG_FILENAME, TrainConfig, TranslatorConfig, save_translator, train_translator
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location, write_json
 

@@ -172,7 +172,7 @@ def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ra
     """`translator train` writes the checkpoint (weights, config, history, input norms) to
     S3, a rerun finds it there, `translator eval` and the service's loaders read it back."""
     from gt_ray.config import CorpusConfig, TranslatorSection
-    from gt_ray.rounds import NORM_BOUND_FILE, load_norm_bound
+    from gt_ray.wire import NORM_BOUND_FILE, load_norm_bound
     from gt_ray.translator import CONFIG_FILENAME, MODEL_FILENAME, TrainConfig, load_translator
     from jobs.common import work_location
     from jobs.eval_translator import EVAL_FILE, evaluate
@@ -209,7 +209,7 @@ def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ra
 
 def test_translator_checkpoint_and_norm_bound_round_trip_through_s3(s3, tmp_path):
     """The library side, without Ray: the same files at a URI and at a path, read back equal."""
-    from gt_ray.rounds import load_norm_bound, write_norm_bound
+    from gt_ray.wire import load_norm_bound, write_norm_bound
     from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, load_translator, save_translator
 
     torch.manual_seed(0)
