@@ -91,7 +91,7 @@ def write_json(location: str | Path, data: Any) -> str | Path:
 def local_ray_env() -> dict[str, str]:
     """Environment for the embedded local cluster: loopback only, no auth, no usage stats.
 
-    Applied by :func:`init_local_ray` before ray is imported (see shared/RAY_NOTES.md).
+    Applied by :func:`init_local_ray` before ray is imported (see docs/cluster.md, "Local runs").
     """
     return {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 LOCAL_RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every port on 127.0.0.1 (shared/RAY_NOTES.md)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every port on 127.0.0.1 (docs/cluster.md)
     "RAY_AUTH_MODE": "disabled",  # the embedded local cluster only; a real cluster keeps its auth
     "RAY_USAGE_STATS_ENABLED": "0",
 }

@@ -54,7 +54,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster per test module, loopback only (see shared/RAY_NOTES.md)."""
+    """One local Ray cluster per test module, loopback only (see docs/cluster.md, "Local runs")."""
     import shutil
     import tempfile
 
