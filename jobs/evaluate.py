@@ -38,6 +38,7 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
+from gt_ray.stats import LEVEL, paired_bootstrap, per_task_accuracy, task_weight_totals
 from jobs.common import UserError, base_parser, kv, load_config, work_location, write_json
 from jobs.train_translator import load_corpus_and_translator
 
@@ -53,6 +54,11 @@ LABELS = {"llm_base": "LLM base", "tiny_ft": "TinyLM fine-tuned", "llm_ft": "LLM
           "agg_then_translate": "all orgs: aggregate, then translate", "translate_then_agg": "all orgs: translate, then aggregate"}
 
 KD_ROWS = ("kd_sequence", "kd_logit")
+ORG_GROUPS = {"all": None, "seen": True, "new": False}
+"""Organization groups of the report -> the ``seen`` flag they hold (None: every organization)."""
+INTERVAL_BASELINES = ("tiny_ft", "nearest_neighbour", "kd_logit")
+"""The translator is compared with each of these (where the run has it) by a paired bootstrap over organizations."""
+N_BOOT, BOOTSTRAP_SEED = 10_000, 0
 PROXY_SKIPPED = "skipped: the TinyLM and the LLM do not share a vocabulary"
 Translate = Callable[[torch.Tensor], torch.Tensor]
 """(B, L_tiny, d_tiny) TinyLM vectors -> (B, L_llm, d_llm) LLM vectors."""
@@ -220,7 +226,91 @@ def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
             "multi_org": multi, "provider_seconds_per_org": cost, "per_seed": per_seed, "seeds": list(per_seed),
             "n_orgs": cfg.eval.n_orgs,
             "n_test": cfg.eval.n_test, "beats": verdict, "best_baseline": best_base,
-            "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED}
+            "proxy_tuning": "computed" if shared_vocab else PROXY_SKIPPED, "org_report": org_report(orgs, methods)}
+
+
+def org_report(orgs: list[dict], methods: list[str], n_boot: int = N_BOOT, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Every organization (over all seeds), and the seen and new groups: accuracy per method,
+    its least-squares split by task, and paired-bootstrap 95% intervals of the translator
+    minus each of :data:`INTERVAL_BASELINES`, resampling organizations.
+
+    An organization record may hold several translator seeds as
+    ``accuracy_by_translator_seed: {method: {seed: accuracy}}`` with ``accuracy[method]``
+    their mean: intervals then use that per-organization mean, and the group reports the
+    spread of the method's group mean over translator seeds.
+
+    Args:
+        orgs: organization records (``accuracy``, ``seen``, optionally ``mixture`` and
+            ``accuracy_by_translator_seed``).
+        methods: the methods to report, in table order (``public_ft`` is added where every
+            member of a group has it).
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"bootstrap": {...}, "groups": {"all" | "seen" | "new": group}}``; a group holds
+        ``n_orgs`` and, when not empty, ``accuracy``, ``intervals``, ``per_task`` and
+        ``translator_seed_spread`` (see :func:`org_group`).
+
+    Raises:
+        ValueError: if a record's translator-seed accuracies disagree with its accuracy, or
+            organizations of a group hold different translator seeds.
+    """
+    return {"bootstrap": {"n_boot": n_boot, "seed": seed, "level": LEVEL, "unit": "organization"},
+            "groups": {g: org_group([o for o in orgs if flag is None or o["seen"] == flag], methods, n_boot, seed)
+                       for g, flag in ORG_GROUPS.items()}}
+
+
+def org_group(members: list[dict], methods: list[str], n_boot: int, seed: int) -> dict:
+    """One group of :func:`org_report`: ``accuracy`` (method -> org-averaged accuracy),
+    ``intervals`` (``grad_transformer_minus_<baseline>`` -> :func:`gt_ray.stats.paired_bootstrap`),
+    ``per_task`` (``weight``: task -> total weight; ``accuracy``: method -> task -> estimate;
+    or ``skipped``: why not) and ``translator_seed_spread`` (method -> ``n_seeds``, ``min``,
+    ``max``, ``by_seed``) when records hold several translator seeds."""
+    entry: dict = {"n_orgs": len(members)}
+    if not members:
+        return entry
+    rows = [m for m in (*methods, "public_ft") if all(m in o["accuracy"] for o in members)]
+    entry["accuracy"] = {m: statistics.fmean(o["accuracy"][m] for o in members) for m in rows}
+    column = lambda m: [o["accuracy"][m] for o in members]  # noqa: E731
+    if "grad_transformer" in rows:
+        entry["intervals"] = {f"grad_transformer_minus_{b}": paired_bootstrap(column("grad_transformer"), column(b), n_boot, seed)
+                              for b in INTERVAL_BASELINES if b in rows}
+    if all("mixture" in o for o in members):
+        mixtures = [o["mixture"] for o in members]
+        try:
+            entry["per_task"] = {"weight": task_weight_totals(mixtures),
+                                 "accuracy": {m: per_task_accuracy(mixtures, column(m)) for m in rows}}
+        except ValueError as e:  # too few organizations (or mixtures) to determine every task
+            entry["per_task"] = {"skipped": str(e)}
+    else:
+        entry["per_task"] = {"skipped": "the organization records hold no mixture"}
+    spread = translator_seed_spread(members)
+    if spread:
+        entry["translator_seed_spread"] = spread
+    return entry
+
+
+def translator_seed_spread(members: list[dict]) -> dict:
+    """method -> the group mean per translator seed, and its min and max, for the methods
+    whose records hold ``accuracy_by_translator_seed``; {} when none does.
+
+    Raises:
+        ValueError: if a record's ``accuracy[method]`` is not the mean of its seeds, or the
+            members do not all hold the same translator seeds.
+    """
+    by = [o.get("accuracy_by_translator_seed", {}) for o in members]
+    out = {}
+    for m in dict.fromkeys(k for b in by for k in b):
+        seeds = {str(s) for s in next(b for b in by if m in b)[m]}
+        for o, b in zip(members, by):
+            if m not in b or {str(s) for s in b[m]} != seeds:
+                raise ValueError(f"{m}: every organization must hold the translator seeds {sorted(seeds)}")
+            if abs(statistics.fmean(b[m].values()) - o["accuracy"][m]) > 1e-9:
+                raise ValueError(f"{m}: accuracy must be the mean of accuracy_by_translator_seed")
+        means = {s: statistics.fmean(v for b in by for k, v in b[m].items() if str(k) == s) for s in sorted(seeds)}
+        out[m] = {"n_seeds": len(seeds), "min": min(means.values()), "max": max(means.values()), "by_seed": means}
+    return out
 
 
 def group_table(orgs: list[dict], methods: list[str]) -> dict:
@@ -302,11 +392,58 @@ def format_results(out: dict) -> str:
     if p and p["n"]:
         lines.append(f"Secret probe on the organizations' TinyLM updates: {p['accuracy']:.2f} (chance {p['chance']:.2f}); "
                      f"on the {p['n_tiny_ft_below_0.5']} whose TinyLM ft scores below 0.5: {p['accuracy_tiny_ft_below_0.5']:.2f}")
+    if "org_report" in out:
+        lines += ["", format_org_report(out["org_report"])]
     lines.append("")
     lines.append("Per-organization accuracy (first seed): " + "; ".join(
         f"org{j} {'seen' if o['seen'] else 'new'}: tiny {o['accuracy']['tiny_ft']:.2f} / gen {o['accuracy']['grad_transformer']:.2f} / "
         f"nn {o['accuracy']['nearest_neighbour']:.2f} / llm {o['accuracy']['llm_ft']:.2f}"
         for j, o in enumerate(out["per_seed"][out["seeds"][0]]["orgs"])))
+    return "\n".join(lines)
+
+
+def format_org_report(report: dict) -> str:
+    """Markdown tables of :func:`org_report`: accuracy for all / seen / new organizations,
+    translator-minus-baseline intervals, and the per-task split of each group."""
+    groups = {g: e for g, e in report["groups"].items() if e["n_orgs"]}
+    names = list(groups)
+    b = report["bootstrap"]
+    counts = " / ".join(str(e["n_orgs"]) for e in report["groups"].values())
+    lines = [f"Organizations, {' / '.join(report['groups'])} ({counts}): "
+             "org-averaged accuracy; [min, max] of the mean over translator seeds where there are several",
+             "| update | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    methods = list(dict.fromkeys(m for e in groups.values() for m in e["accuracy"]))
+    for m in methods:
+        cells = []
+        for e in groups.values():
+            cell = f"{e['accuracy'][m]:.3f}" if m in e["accuracy"] else ""
+            spread = e.get("translator_seed_spread", {}).get(m)
+            cells.append(cell + (f" [{spread['min']:.3f}, {spread['max']:.3f}]" if spread else ""))
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    pairs = list(dict.fromkeys(k for e in groups.values() for k in e.get("intervals", {})))
+    if pairs:
+        lines += ["", f"Translator minus baseline: mean over organizations [paired-bootstrap {b['level']:.0%} interval, "
+                  f"{b['n_boot']} resamples of organizations, seed {b['seed']}]",
+                  "| translator minus | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in pairs:
+            cells = [f"{i['mean_diff']:+.3f} [{i['lo']:+.3f}, {i['hi']:+.3f}]" if (i := e.get("intervals", {}).get(k)) else ""
+                     for e in groups.values()]
+            lines.append(f"| {LABELS.get(k.removeprefix('grad_transformer_minus_'))} | " + " | ".join(cells) + " |")
+    for g, e in groups.items():
+        split = e.get("per_task", {})
+        if "skipped" in split:
+            lines += ["", f"Per-task accuracy, {g} organizations: skipped ({split['skipped']})"]
+            continue
+        if not split:
+            continue
+        task_names = list(split["weight"])
+        lines += ["", f"Per-task accuracy, {g} organizations ({e['n_orgs']}): least-squares split of organization accuracy "
+                  "by task weight, an estimate (about +-0.15 with 24 organizations, wider with fewer; a task of little total "
+                  "weight is poorly determined)",
+                  "| update | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names),
+                  "| total task weight | " + " | ".join(f"{split['weight'][t]:.2f}" for t in task_names) + " |"]
+        for m, per_task in split["accuracy"].items():
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(f"{per_task[t]:.2f}" for t in task_names) + " |")
     return "\n".join(lines)
 
 

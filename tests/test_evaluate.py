@@ -206,3 +206,101 @@ def test_kd_rows_follow_the_config_and_the_vocabulary():
     assert not any(m.startswith("kd_") for m in org_methods(off, shared_vocab=True))
     with pytest.raises(ValueError, match="kd must list distinct modes out of sequence, logit"):
         EvalConfig(kd=["soft"])
+
+
+def _synthetic_per_seed(per_task: dict[str, dict[str, float]], translator_seeds: dict[int, float] | None = None) -> dict:
+    """Two seeds x 6 organizations (3 seen, 3 new) whose accuracy is exactly the mixture-weighted
+    per-task accuracy; with ``translator_seeds`` (seed -> offset) the translator holds one
+    accuracy per translator seed and their mean."""
+    import random
+
+    names = list(next(iter(per_task.values())))
+    per_seed = {}
+    for seed in (0, 1):
+        orgs = []
+        for j in range(6):
+            rng = random.Random(f"{seed}|{j}")
+            raw = [rng.random() + 0.05 for _ in names]
+            mixture = {t: x / sum(raw) for t, x in zip(names, raw)}
+            acc = {m: sum(mixture[t] * a[t] for t in names) for m, a in per_task.items()}
+            org = {"seen": j < 3, "mixture": mixture, "accuracy": acc}
+            if translator_seeds:
+                by = {s: acc["grad_transformer"] + d for s, d in translator_seeds.items()}
+                org["accuracy_by_translator_seed"] = {"grad_transformer": by}
+                acc["grad_transformer"] = sum(by.values()) / len(by)
+            orgs.append(org)
+        methods = list(per_task)
+        per_seed[seed] = {"summary": summarize({m: [Scores(o["accuracy"][m], 1.0, 10) for o in orgs] for m in methods}),
+                          "multi": {"x": {"accuracy": 0.5, "nll": 1.0}}, "orgs": orgs,
+                          "provider_seconds": {"grad_transformer": 0.01}}
+    return per_seed
+
+
+PER_TASK = {"llm_base": {"add": 0.0, "index": 0.1, "rotate": 0.0, "caesar": 0.05, "delete": 0.0},
+            "tiny_ft": {"add": 0.9, "index": 0.95, "rotate": 0.4, "caesar": 0.0, "delete": 1.0},
+            "llm_ft": {"add": 1.0, "index": 0.9, "rotate": 0.95, "caesar": 1.0, "delete": 1.0},
+            "grad_transformer": {"add": 0.75, "index": 0.45, "rotate": 0.8, "caesar": 0.0, "delete": 0.6},
+            "nearest_neighbour": {"add": 1.0, "index": 0.5, "rotate": 0.85, "caesar": 0.7, "delete": 0.35},
+            "mean_shadow": {"add": 0.0, "index": 0.1, "rotate": 0.0, "caesar": 0.1, "delete": 0.1},
+            "ridge": {"add": 0.4, "index": 0.3, "rotate": 0.2, "caesar": 0.1, "delete": 0.3}}
+
+
+def test_org_report_has_groups_per_task_split_and_intervals():
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import combine, format_results
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml")
+    out = combine(_synthetic_per_seed(PER_TASK), cfg, shared_vocab=False)
+    report = out["org_report"]
+    assert report["bootstrap"] == {"n_boot": 10_000, "seed": 0, "level": 0.95, "unit": "organization"}
+    assert {g: e["n_orgs"] for g, e in report["groups"].items()} == {"all": 12, "seen": 6, "new": 6}
+    orgs = [o for s in out["per_seed"].values() for o in s["orgs"]]
+    for group, e in report["groups"].items():
+        members = [o for o in orgs if group == "all" or o["seen"] == (group == "seen")]
+        # no kd_logit in this run: only the comparisons that exist
+        assert set(e["intervals"]) == {"grad_transformer_minus_tiny_ft", "grad_transformer_minus_nearest_neighbour"}
+        iv = e["intervals"]["grad_transformer_minus_tiny_ft"]
+        diff = [o["accuracy"]["grad_transformer"] - o["accuracy"]["tiny_ft"] for o in members]
+        assert iv["n"] == len(members) and iv["mean_diff"] == pytest.approx(sum(diff) / len(diff))
+        assert iv["lo"] <= iv["mean_diff"] <= iv["hi"]
+        for m, truth in PER_TASK.items():  # noiseless records: the split is exact
+            assert e["per_task"]["accuracy"][m] == pytest.approx(truth, abs=1e-9)
+        assert sum(e["per_task"]["weight"].values()) == pytest.approx(len(members))
+        assert "translator_seed_spread" not in e
+    assert out["groups"]["unseen"]["n_orgs"] == 6  # the older keys are still there
+    text = format_results(out)
+    assert "| translator minus | all | seen | new |" in text
+    assert "Per-task accuracy, new organizations (6)" in text
+    assert "| LLM + Grad-Transformer | 0.75 | 0.45 | 0.80 | 0.00 | 0.60 |" in text  # add index rotate caesar delete
+
+
+def test_org_report_with_several_translator_seeds_uses_the_org_mean_and_shows_the_spread():
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import combine, format_org_report, org_report
+
+    cfg = load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml")
+    offsets = {0: -0.05, 1: 0.0, 2: 0.08}
+    out = combine(_synthetic_per_seed(PER_TASK, offsets), cfg, shared_vocab=False)
+    single = combine(_synthetic_per_seed(PER_TASK), cfg, shared_vocab=False)
+    for group, e in out["org_report"]["groups"].items():
+        base = single["org_report"]["groups"][group]
+        spread = e["translator_seed_spread"]["grad_transformer"]
+        mean = base["accuracy"]["grad_transformer"]
+        assert spread["n_seeds"] == 3
+        assert spread["min"] == pytest.approx(mean - 0.05) and spread["max"] == pytest.approx(mean + 0.08)
+        assert e["accuracy"]["grad_transformer"] == pytest.approx(mean + 0.01)
+        iv = e["intervals"]["grad_transformer_minus_tiny_ft"]
+        assert iv["mean_diff"] == pytest.approx(base["intervals"]["grad_transformer_minus_tiny_ft"]["mean_diff"] + 0.01)
+        assert iv["n"] == base["intervals"]["grad_transformer_minus_tiny_ft"]["n"]  # organizations, not org x seed rows
+    all_ = out["org_report"]["groups"]["all"]
+    s = all_["translator_seed_spread"]["grad_transformer"]
+    assert f"| LLM + Grad-Transformer | {all_['accuracy']['grad_transformer']:.3f} [{s['min']:.3f}, {s['max']:.3f}] |" \
+        in format_org_report(out["org_report"])
+    orgs = [o for o in out["per_seed"][0]["orgs"]]
+    orgs[0] = {**orgs[0], "accuracy": {**orgs[0]["accuracy"], "grad_transformer": 0.0}}
+    with pytest.raises(ValueError, match="grad_transformer: accuracy must be the mean of accuracy_by_translator_seed"):
+        org_report(orgs, list(PER_TASK))
+    orgs[0] = {**orgs[1], "accuracy": {**orgs[1]["accuracy"], "grad_transformer": 0.5},
+               "accuracy_by_translator_seed": {"grad_transformer": {0: 0.5}}}  # one seed where the others hold three
+    with pytest.raises(ValueError, match="every organization must hold the translator seeds"):
+        org_report(orgs, list(PER_TASK))
