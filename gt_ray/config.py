@@ -319,11 +319,17 @@ class CorpusConfig:
     """Where the corpus goes; default ``{work_dir}/corpus``."""
     seed: int = 1000
     """Seed of the subset plan (subset i depends only on this seed and i)."""
+    n_tiny_only: int = 0
+    """TinyLM-only shadow subsets besides the ``n_subsets`` paired ones: the TinyLM update
+    and the subset's spec, no LLM fine-tune (about 5x cheaper). The translator's function
+    loss needs nothing more; baselines and the MSE term use the paired subsets only."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_subsets", "num_workers", "cpus_per_worker")
         if self.max_failures < 0:
             raise ValueError(f"max_failures must be >= 0, got {self.max_failures}")
+        if self.n_tiny_only < 0:
+            raise ValueError(f"n_tiny_only must be >= 0, got {self.n_tiny_only}")
 
 
 def _default_translator_model() -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""The shadow corpus: paired (TinyLM, LLM) update vectors from public-data shadow subsets.
+"""The shadow corpus: (TinyLM, LLM) update vectors from public-data shadow subsets.
+
+Two kinds of subsets share one corpus. *Paired* subsets (ids ``0 .. n_subsets-1``) hold
+both models' updates: baselines and the translator's MSE term need them. *TinyLM-only*
+subsets (ids from :data:`TINY_ONLY_BASE`) hold the TinyLM update and the subset's spec,
+the ``llm`` column null: the translator's function loss needs nothing more, and they cost
+a TinyLM fine-tune only.
 
 Storage: one Parquet shard per shadow subset (``shard-00042.parquet``) with one row per
-snapshot step, and ``manifest.json`` with the pair card, the config, counts and a sha256
-per shard. The directory is a local path or a URI (``s3://``, ``gs://``, ``file://``; see
+snapshot step, and ``manifest.json`` with the pair card, the config, counts of each kind
+and a sha256 per shard. The directory is a local path or a URI (``s3://``, ``gs://``, ``file://``; see
 :mod:`gt_ray.storage`). A shard appears only complete (a temporary name then a rename
 locally; an object store shows an object only once its upload completes), so a rerun skips
 the subsets whose shards exist and a killed worker leaves nothing half done.
@@ -17,7 +23,6 @@ tensor (``Corpus.load``). ``benchmarks/bench_corpus_memory.py`` measures the pea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -48,7 +53,11 @@ SHADOW_SPLIT = "public"
 ROW_GROUP_BYTES = 16 << 20
 """Target size of a Parquet row group: what a reader holds undecoded at once."""
 VECTOR_COLUMNS = ("tiny", "llm")
-_SHARD_RE = re.compile(r"shard-(\d{5})\.parquet")
+TINY_ONLY_BASE = 100_000
+"""Id of the first TinyLM-only subset (paired subsets are ``0 .. n_subsets-1``): either
+kind grows without renumbering the other."""
+KINDS = ("paired", "tiny_only")
+_SHARD_RE = re.compile(r"shard-(\d{5,})\.parquet")
 
 
 @dataclass(frozen=True)
@@ -68,23 +77,41 @@ def shard_name(subset_id: int) -> str:
     return f"shard-{subset_id:05d}.parquet"
 
 
-def plan_subsets(cfg: ExperimentConfig, n_subsets: int, seed: int) -> list[ShadowSubset]:
+def is_tiny_only(subset_id: int) -> bool:
+    """True for the id of a TinyLM-only subset (see :data:`TINY_ONLY_BASE`)."""
+    return subset_id >= TINY_ONLY_BASE
+
+
+def plan_subsets(cfg: ExperimentConfig, n_subsets: int, seed: int, kind: str = "paired") -> list[ShadowSubset]:
     """Draw ``n_subsets`` shadow subsets from the public split: generated tasks get a secret
     k and a Dirichlet task mixture, data files (``tasks.data_files``) a draw of rows of the
     public file; each gets its own data seed.
 
-    Subset ``i`` depends only on (seed, i), so growing the corpus keeps earlier subsets.
+    Subset ``i`` depends only on (seed, kind, i), so growing the corpus keeps earlier subsets.
+
+    Args:
+        kind: ``paired`` (ids ``0..n-1``) or ``tiny_only`` (ids ``TINY_ONLY_BASE + i``,
+            drawn from their own stream: the same distribution, other subsets).
     """
+    if kind not in KINDS:
+        raise ValueError(f"subset kind must be one of {KINDS}, got {kind!r}")
+    base, stream = (0, "shadow") if kind == "paired" else (TINY_ONLY_BASE, "shadow-tiny")
     out = []
     for i in range(n_subsets):
-        rng = random.Random(f"shadow|{seed}|{i}")
+        rng = random.Random(f"{stream}|{seed}|{i}")
         if cfg.tasks.data_files:
             spec = tasks.data_dataset_spec(SHADOW_SPLIT, cfg.finetune.n_examples, rng.randrange(2**31))
         else:
             spec = tasks.draw_dataset_spec(rng, SHADOW_SPLIT, cfg.tasks.names, cfg.finetune.n_examples,
                                            cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
-        out.append(ShadowSubset(i, spec))
+        out.append(ShadowSubset(base + i, spec))
     return out
+
+
+def plan_corpus(cfg: ExperimentConfig) -> list[ShadowSubset]:
+    """Every subset of ``cfg``'s corpus: the paired ones, then the TinyLM-only ones."""
+    return (plan_subsets(cfg, cfg.corpus.n_subsets, cfg.corpus.seed)
+            + plan_subsets(cfg, cfg.corpus.n_tiny_only, cfg.corpus.seed, kind="tiny_only"))
 
 
 def shadow_examples(subset: ShadowSubset, task_cfg: TaskConfig | None = None) -> list[tasks.Example]:
@@ -124,16 +151,32 @@ def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft:
     examples = shadow_examples(subset, task_cfg)
     train_seed = subset.spec.seed ^ 0x5EED
     res_t = finetune(tiny, examples, ft, seed=train_seed)
-    res_l = finetune(llm, examples, ft, seed=train_seed)
+    res_l = finetune(llm, examples, ft, seed=train_seed) if llm is not None else None
     rows = []
-    for st, sl in zip(res_t.snapshots, res_l.snapshots):
-        assert st.step == sl.step
+    for i, st in enumerate(res_t.snapshots):
+        sl = res_l.snapshots[i] if res_l is not None else None
+        assert sl is None or st.step == sl.step
         rows.append({"subset_id": subset.subset_id, "step": st.step, "secret_k": subset.spec.secret_k,
                      "mixture": json.dumps(subset.spec.mixture, sort_keys=True),
                      "secrets": json.dumps(subset.spec.secrets, sort_keys=True), "data_seed": subset.spec.seed,
-                     "train_seed": train_seed, "n_examples": len(examples), "tiny_loss": st.loss, "llm_loss": sl.loss,
-                     "tiny": _flat_float32(st.update), "llm": _flat_float32(sl.update)})
+                     "train_seed": train_seed, "n_examples": len(examples), "tiny_loss": st.loss,
+                     "llm_loss": None if sl is None else sl.loss,
+                     "tiny": _flat_float32(st.update), "llm": None if sl is None else _flat_float32(sl.update)})
     return rows
+
+
+def finetune_tiny_only(tiny: LoadedModel, subset: ShadowSubset, ft: FinetuneConfig,
+                       task_cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
+    """Fine-tune the TinyLM alone on a TinyLM-only subset: the rows of :func:`finetune_pair`
+    with ``llm`` and ``llm_loss`` null (the same examples, order and train seed the pair
+    would have used).
+
+    Raises:
+        ValueError: if ``subset`` is not a TinyLM-only subset.
+    """
+    if not is_tiny_only(subset.subset_id):
+        raise ValueError(f"subset {subset.subset_id} is a paired subset: fine-tune both models (finetune_pair)")
+    return finetune_pair(tiny, None, subset, ft, task_cfg)
 
 
 def _flat_float32(vector: Any) -> np.ndarray:
@@ -151,8 +194,13 @@ def vector_column(vectors: Iterable[Any], width: int) -> pa.ChunkedArray:
     Raises:
         ValueError: if a vector does not have ``width`` values.
     """
+    vectors = list(vectors)
+    if vectors and all(v is None for v in vectors):  # a TinyLM-only shard's llm column
+        return pa.chunked_array([pa.nulls(len(vectors), pa.list_(pa.float32(), width))])
     chunks = []
     for i, v in enumerate(vectors):
+        if v is None:
+            raise ValueError(f"row {i}: missing update vector in a column that has others")
         flat = _flat_float32(v)
         if flat.size != width:
             raise ValueError(f"row {i}: update vector has {flat.size} values, the card's layout has {width}")
@@ -204,27 +252,37 @@ def completed_subsets(directory: str | Path) -> set[int]:
     return {int(m.group(1)) for n in storage.list_names(directory) if (m := _SHARD_RE.fullmatch(n))}
 
 
-def write_manifest(directory: str | Path, card: PairCard, cfg: dict[str, Any], n_subsets: int) -> dict[str, Any]:
-    """Check every shard and write ``manifest.json`` with counts and checksums.
+def corpus_ids(n_subsets: int, n_tiny_only: int = 0) -> list[int]:
+    """The subset ids of a corpus with ``n_subsets`` paired and ``n_tiny_only`` TinyLM-only subsets."""
+    return list(range(n_subsets)) + [TINY_ONLY_BASE + i for i in range(n_tiny_only)]
 
-    Shards are checked one row group at a time, so memory stays at a row group.
+
+def write_manifest(directory: str | Path, card: PairCard, cfg: dict[str, Any], n_subsets: int,
+                   n_tiny_only: int = 0) -> dict[str, Any]:
+    """Check every shard and write ``manifest.json`` with counts of each kind and checksums.
+
+    Shards are checked one row group at a time, so memory stays at a row group. A paired
+    shard must have both vectors in every row, a TinyLM-only shard a null ``llm`` column.
 
     Raises:
         ValueError: if a shard is missing, corrupt, mismatched or holds bad vectors.
     """
-    missing = sorted(set(range(n_subsets)) - completed_subsets(directory))
+    ids = corpus_ids(n_subsets, n_tiny_only)
+    missing = sorted(set(ids) - completed_subsets(directory))
     if missing:
         raise ValueError(f"corpus at {directory} is incomplete: {len(missing)} subset(s) missing, e.g. {missing[:5]}")
     shards = {}
-    rows = 0
-    for i in range(n_subsets):
+    rows = {"paired": 0, "tiny_only": 0}
+    for i in ids:
         name = shard_name(i)
         location = storage.join(directory, name)
-        n = _check_vectors(_shard_row_groups(location, card), name)
-        rows += n
+        kind = "tiny_only" if is_tiny_only(i) else "paired"
+        n = _check_vectors(_shard_row_groups(location, card), name, tiny_only=kind == "tiny_only")
+        rows[kind] += n
         shards[name] = {"rows": n, "sha256": storage.sha256(location)}
     manifest = {"format": CORPUS_FORMAT, "card": card.to_dict(), "config": cfg, "n_subsets": n_subsets,
-                "n_rows": rows, "shards": shards}
+                "n_rows": rows["paired"], "n_tiny_only_subsets": n_tiny_only, "n_tiny_only_rows": rows["tiny_only"],
+                "shards": shards}
     storage.write_text(storage.join(directory, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return manifest
 
@@ -286,22 +344,29 @@ def vector_views(column: pa.ChunkedArray | pa.Array) -> Iterator[np.ndarray]:
         yield chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), chunk.type.list_size)
 
 
-def check_rows(table: pa.Table, name: str) -> None:
-    """Every vector finite and non-zero; no two rows with identical vectors."""
-    _check_vectors([table], name)
+def check_rows(table: pa.Table, name: str, tiny_only: bool = False) -> None:
+    """Every vector finite and non-zero; no two rows with identical vectors; the ``llm``
+    column null exactly when the shard is TinyLM-only."""
+    _check_vectors([table], name, tiny_only)
 
 
-def _check_vectors(parts: Iterable[pa.Table], name: str) -> int:
+def _check_vectors(parts: Iterable[pa.Table], name: str, tiny_only: bool = False) -> int:
     """:func:`check_rows` over a shard given in parts (row groups); returns the row count."""
-    bad: dict[str, dict[str, Any]] = {c: {"finite": True, "zero": [], "digests": set()} for c in VECTOR_COLUMNS}
+    cols = ("tiny",) if tiny_only else VECTOR_COLUMNS
+    bad: dict[str, dict[str, Any]] = {c: {"finite": True, "zero": [], "digests": set()} for c in cols}
     n = 0
     for part in parts:
-        for col in VECTOR_COLUMNS:
+        nulls = part.column("llm").null_count
+        if nulls != (part.num_rows if tiny_only else 0):
+            raise ValueError(f"{name}: {nulls} of {part.num_rows} llm vectors are null; a "
+                             f"{'TinyLM-only' if tiny_only else 'paired'} shard needs "
+                             f"{'all' if tiny_only else 'none'}")
+        for col in cols:
             b, row = bad[col], n
             for values in vector_views(part.column(col)):  # (rows, width), Arrow's memory
                 b["finite"] &= bool(np.isfinite(values).all())
                 b["zero"] += [row + int(i) for i in np.flatnonzero(~values.any(axis=1))]
-                b["digests"].update(hashlib.sha256(v.tobytes()).hexdigest() for v in values)
+                b["digests"].update(storage.sha256_bytes(v.tobytes()) for v in values)
                 row += len(values)
         n += part.num_rows
     for col, b in bad.items():
@@ -356,8 +421,20 @@ class Corpus:
         self.fingerprints = {"tiny": meta["tiny_fingerprint"], "llm": meta["llm_fingerprint"]}
 
     @property
+    def all_subset_ids(self) -> list[int]:
+        """Every subset, paired and TinyLM-only."""
+        return sorted(int(m.group(1)) for n in self.manifest["shards"] if (m := _SHARD_RE.fullmatch(n)))
+
+    @property
     def subset_ids(self) -> list[int]:
-        return sorted(int(n[6:11]) for n in self.manifest["shards"])
+        """The paired subsets (both updates): what baselines, the MSE term and the held-out
+        table use."""
+        return [i for i in self.all_subset_ids if not is_tiny_only(i)]
+
+    @property
+    def tiny_only_ids(self) -> list[int]:
+        """The TinyLM-only subsets (the ``llm`` column null)."""
+        return [i for i in self.all_subset_ids if is_tiny_only(i)]
 
     def subset_specs(self) -> dict[int, tasks.DatasetSpec]:
         """What each shadow subset teaches (split, secrets, mixture, size, data seed), from
@@ -379,24 +456,40 @@ class Corpus:
         """The pair card the corpus was built for (stored in the manifest; works for any URI)."""
         return PairCard.from_dict(dict(self.manifest["card"]), source=storage.join(self.uri, MANIFEST))
 
-    def load(self, subset_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def load(self, subset_ids: Sequence[int] | None = None, steps: Sequence[int] | None = None,
+             sides: Sequence[str] = VECTOR_COLUMNS) -> dict[str, torch.Tensor]:
         """Load rows into memory (use :class:`CorpusDataset` to stream).
 
         The vectors are copied once, row group by row group, into tensors allocated up
         front: peak memory is the result plus about one row group, never a second full copy.
 
+        Args:
+            subset_ids: the subsets to load; ``None`` is every paired subset.
+            steps: the snapshot steps to load; ``None`` is all.
+            sides: which vectors to load; TinyLM-only subsets have ``("tiny",)`` only.
+
         Returns:
-            dict with ``tiny`` (N, L_tiny, d_tiny), ``llm`` (N, L_llm, d_llm), ``subset_id``
-            (N,), ``step`` (N,) and ``secret_k`` (N,), in shard order then row order.
+            dict with ``tiny`` (N, L_tiny, d_tiny), ``llm`` (N, L_llm, d_llm) (as asked by
+            ``sides``), ``subset_id`` (N,), ``step`` (N,) and ``secret_k`` (N,), in shard
+            order then row order.
+
+        Raises:
+            ValueError: if ``llm`` is asked for a TinyLM-only subset.
         """
+        if subset_ids is None:
+            subset_ids = self.subset_ids
+        if "llm" in sides and (bad := [i for i in subset_ids if is_tiny_only(i)]):
+            raise ValueError(f"{len(bad)} TinyLM-only subset(s) (e.g. {bad[0]}) have no LLM update; "
+                             f"load them with sides=('tiny',)")
+        shapes = {"tiny": self.tiny_shape, "llm": self.llm_shape}
         n = sum(int(mask.sum()) for _, _, mask in self._row_groups(subset_ids, steps))
-        out = {"tiny": torch.empty((n, *self.tiny_shape)), "llm": torch.empty((n, *self.llm_shape)),
+        out = {**{s: torch.empty((n, *shapes[s])) for s in sides},
                **{k: torch.empty(n, dtype=torch.long) for k in _ID_COLUMNS}}
         i = 0
-        for batch, mask in self._batches(subset_ids, steps, batch_rows=None):
+        for batch, mask in self._batches(subset_ids, steps, batch_rows=None, sides=sides):
             rows = np.flatnonzero(mask)
             k = len(rows)
-            for col in VECTOR_COLUMNS:
+            for col in sides:
                 (values,) = vector_views(batch.column(col))  # (batch rows, width), Arrow's memory
                 np.copyto(out[col][i : i + k].view(k, -1).numpy(), values[rows] if k < len(mask) else values)
             for col in _ID_COLUMNS:
@@ -412,7 +505,7 @@ class Corpus:
         fs, root = storage.resolve(self.uri)
         wanted = None if subset_ids is None else set(subset_ids)
         for name in sorted(self.manifest["shards"]):
-            if wanted is not None and int(name[6:11]) not in wanted:
+            if wanted is not None and int(_SHARD_RE.fullmatch(name).group(1)) not in wanted:
                 continue  # a shard holds one subset
             with fs.open_input_file(posixpath.join(root, name)) as f:
                 pf = pq.ParquetFile(f)
@@ -422,12 +515,12 @@ class Corpus:
                         yield pf, g, mask
 
     def _batches(self, subset_ids: Sequence[int] | None, steps: Sequence[int] | None,
-                 batch_rows: int | None) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+                 batch_rows: int | None, sides: Sequence[str] = VECTOR_COLUMNS) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
         """Record batches of the selected row groups with their selected-rows masks, read
         one at a time (a Dataset scanner reads ahead and held ~20 MB per row at real scale)."""
         for pf, g, _ in self._row_groups(subset_ids, steps):
             size = batch_rows or pf.metadata.row_group(g).num_rows
-            for batch in pf.iter_batches(batch_size=size, row_groups=[g], columns=[*VECTOR_COLUMNS, *_ID_COLUMNS],
+            for batch in pf.iter_batches(batch_size=size, row_groups=[g], columns=[*sides, *_ID_COLUMNS],
                                          use_threads=False):
                 mask = _select(batch, subset_ids, steps)
                 if mask.any():
@@ -481,7 +574,8 @@ class CorpusDataset(torch.utils.data.IterableDataset):
         self.corpus, self.subset_ids, self.batch_rows = corpus, subset_ids, batch_rows
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch, mask in self.corpus._batches(self.subset_ids, None, self.batch_rows):
+        ids = self.corpus.subset_ids if self.subset_ids is None else self.subset_ids
+        for batch, mask in self.corpus._batches(ids, None, self.batch_rows):
             t = table_to_tensors(batch, self.corpus.tiny_shape, self.corpus.llm_shape)
             for i in np.flatnonzero(mask):
                 yield t["tiny"][i], t["llm"][i]
@@ -514,7 +608,9 @@ def corpus_stats(corpus: Corpus) -> dict[str, Any]:
     data = corpus.load()
     last = int(data["step"].max())
     final = data["step"] == last
-    out: dict[str, Any] = {"n_subsets": len(corpus.subset_ids), "n_rows": int(data["step"].numel()),
+    out: dict[str, Any] = {"n_subsets": len(corpus.subset_ids), "n_tiny_only_subsets": len(corpus.tiny_only_ids),
+                           "n_rows": int(data["step"].numel()),
+                           "n_tiny_only_rows": int(corpus.manifest.get("n_tiny_only_rows", 0)),
                            "steps": sorted(set(data["step"].tolist())), "tiny_shape": list(corpus.tiny_shape),
                            "llm_shape": list(corpus.llm_shape), "card_id": corpus.card_id}
     for side in ("tiny", "llm"):

@@ -6,8 +6,10 @@
 The corpus directory (``corpus.storage_path``, default ``{work_dir}/corpus``) and Ray's
 results (``{work_dir}/ray_results``) may be URIs (``s3://``, ``gs://``): see gt_ray.storage.
 
-Each worker takes shadow subsets ``rank, rank + world, ...``, fine-tunes the TinyLM and
-the LLM from the pair card's LoRA init on each, and writes one Parquet shard per subset.
+Each worker takes shadow subsets ``rank, rank + world, ...`` of the plan (the paired ones,
+then the TinyLM-only ones: ``corpus.n_tiny_only``), fine-tunes the TinyLM and, for a
+paired subset, the LLM from the pair card's LoRA init on each, and writes one Parquet
+shard per subset.
 Shards appear only complete, so a rerun (or Ray Train's restart after a worker dies)
 skips finished subsets. Only the public split is read: see ``gt_ray.corpus.SHADOW_SPLIT``.
 """
@@ -22,8 +24,9 @@ import torch
 
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, from_dict
-from gt_ray.corpus import (Corpus, completed_subsets, corpus_schema, corpus_stats, finetune_pair, plan_subsets,
-                           shadow_examples, subset_config, write_manifest, write_shard)
+from gt_ray.corpus import (Corpus, completed_subsets, corpus_ids, corpus_schema, corpus_stats, finetune_pair,
+                           finetune_tiny_only, is_tiny_only, plan_corpus, plan_subsets, shadow_examples, subset_config,
+                           write_manifest, write_shard)
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
 from jobs.prepare_pair import load_or_prepare_card
@@ -41,19 +44,26 @@ def corpus_worker(config: dict) -> None:
     card = PairCard.load(config["card_path"])
     torch.set_num_threads(max(1, int(cfg.corpus.cpus_per_worker)))
     out = config["out_dir"]
-    todo = [s for s in plan_subsets(cfg, cfg.corpus.n_subsets, cfg.corpus.seed)
-            if s.subset_id % world == rank and s.subset_id not in completed_subsets(out)]
+    done = completed_subsets(out)
+    todo = [s for j, s in enumerate(plan_corpus(cfg)) if j % world == rank and s.subset_id not in done]
     if todo:
         import ray.train.torch
 
         device = ray.train.torch.get_device()  # a GPU on GPU workers, else the CPU
-        tiny, llm = (load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm"))
+        tiny = load_card_side(card, "tiny", cfg.pair.tiny.dtype)
         tiny.model.to(device)
-        llm.model.to(device)
+        llm = None
+        if any(not is_tiny_only(s.subset_id) for s in todo):  # a TinyLM-only share never loads the LLM
+            llm = load_card_side(card, "llm", cfg.pair.llm.dtype)
+            llm.model.to(device)
         schema = corpus_schema(card)
         t0 = time.time()
         for i, subset in enumerate(todo, 1):
-            write_shard(out, subset.subset_id, finetune_pair(tiny, llm, subset, cfg.finetune, cfg.tasks), schema)
+            if is_tiny_only(subset.subset_id):
+                rows = finetune_tiny_only(tiny, subset, cfg.finetune, cfg.tasks)
+            else:
+                rows = finetune_pair(tiny, llm, subset, cfg.finetune, cfg.tasks)
+            write_shard(out, subset.subset_id, rows, schema)
             print(f"corpus_worker rank={rank} subset={subset.subset_id} done={i}/{len(todo)} "
                   f"s_per_subset={(time.time() - t0) / i:.2f}", flush=True)
     ray.train.report({"rank": rank, "written": len(todo)})  # a barrier: every rank reports once
@@ -70,9 +80,10 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
     except (ValueError, OSError) as e:
         raise UserError(f"corpus directory {out}: {e}") from None
     card_path = card.save(storage.join(out, "pair_card.json"))
-    n = cfg.corpus.n_subsets
-    before = len(completed_subsets(out) & set(range(n)))
-    if before < n:
+    ids = corpus_ids(cfg.corpus.n_subsets, cfg.corpus.n_tiny_only)
+    n = len(ids)
+    before = _counts(out, ids)
+    if sum(before.values()) < n:
         init_ray(address)  # before any ray import: it fixes the local cluster's environment
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -89,7 +100,7 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
                                  failure_config=FailureConfig(max_failures=cfg.corpus.max_failures)),
         )
         stop = threading.Event()
-        monitor = threading.Thread(target=_progress, args=(out, n, before, len(cfg.finetune.snapshot_steps), stop), daemon=True)
+        monitor = threading.Thread(target=_progress, args=(out, ids, before, stop), daemon=True)
         monitor.start()
         t0 = time.time()
         try:
@@ -97,11 +108,26 @@ def build(cfg: ExperimentConfig, card: PairCard, address: str | None = None) -> 
         finally:
             stop.set()
             monitor.join()
-        kv(stage="corpus", subsets=n, built=n - before, seconds=round(time.time() - t0, 1),
-           pairs_per_min=round((n - before) * len(cfg.finetune.snapshot_steps) / max(1e-9, (time.time() - t0) / 60), 1))
-    manifest = write_manifest(out, card, subset_config(cfg), n)
-    kv(stage="corpus", status="complete", subsets=manifest["n_subsets"], rows=manifest["n_rows"], path=out)
+        kv(stage="corpus", subsets=n, built=n - sum(before.values()), seconds=round(time.time() - t0, 1),
+           **_rates(_counts(out, ids), before, time.time() - t0))
+    manifest = write_manifest(out, card, subset_config(cfg), cfg.corpus.n_subsets, cfg.corpus.n_tiny_only)
+    kv(stage="corpus", status="complete", subsets=manifest["n_subsets"], tiny_only_subsets=manifest["n_tiny_only_subsets"],
+       rows=manifest["n_rows"], tiny_only_rows=manifest["n_tiny_only_rows"], path=out)
     return manifest
+
+
+def _counts(out: str, ids: list[int]) -> dict[str, int]:
+    """Finished subsets of each kind among ``ids``."""
+    done = completed_subsets(out) & set(ids)
+    tiny = sum(1 for i in done if is_tiny_only(i))
+    return {"paired": len(done) - tiny, "tiny_only": tiny}
+
+
+def _rates(now: dict[str, int], before: dict[str, int], seconds: float) -> dict[str, float]:
+    """Subsets per minute of each kind since the start (a worker's time is shared between kinds)."""
+    minutes = max(1e-9, seconds / 60)
+    return {"paired_per_min": round((now["paired"] - before["paired"]) / minutes, 1),
+            "tiny_only_per_min": round((now["tiny_only"] - before["tiny_only"]) / minutes, 1)}
 
 
 def check_data_files(cfg: ExperimentConfig) -> None:
@@ -114,12 +140,11 @@ def check_data_files(cfg: ExperimentConfig) -> None:
             raise UserError(str(e)) from None
 
 
-def _progress(out: str, total: int, before: int, rows_per_subset: int, stop: threading.Event, every: float = 10.0) -> None:
+def _progress(out: str, ids: list[int], before: dict[str, int], stop: threading.Event, every: float = 10.0) -> None:
     t0 = time.time()
     while not stop.wait(every):
-        done = len(completed_subsets(out) & set(range(total)))
-        minutes = (time.time() - t0) / 60
-        kv(stage="corpus", done=done, total=total, pairs_per_min=round((done - before) * rows_per_subset / minutes, 1))
+        now = _counts(out, ids)
+        kv(stage="corpus", done=sum(now.values()), total=len(ids), **now, **_rates(now, before, time.time() - t0))
 
 
 def load_corpus(cfg: ExperimentConfig) -> Corpus:

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from gt_ray.config import CorpusConfig, ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
-from gt_ray.corpus import Corpus, completed_subsets
+from gt_ray.corpus import TINY_ONLY_BASE, Corpus, completed_subsets
 from gt_ray.models import make_pair_card
 from jobs.build_corpus import build
 from tests.conftest import TASK_NAMES, tiny_spec
@@ -19,10 +19,11 @@ pytestmark = pytest.mark.ray
 FT = FinetuneConfig(lr=3e-3, steps=30, batch_size=8, n_examples=32, snapshot_steps=[20, 30])
 
 
-def _cfg(tmp_path, n):
+def _cfg(tmp_path, n, n_tiny_only=0):
     pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
     return ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT, work_dir=str(tmp_path),
-                            corpus=CorpusConfig(n_subsets=n, num_workers=2, max_failures=3, seed=1))
+                            corpus=CorpusConfig(n_subsets=n, num_workers=2, max_failures=3, seed=1,
+                                                n_tiny_only=n_tiny_only))
 
 
 def _train_workers():
@@ -40,7 +41,7 @@ def _train_workers():
 
 
 def test_build_survives_a_killed_worker_and_resumes(ray_cluster, tiny_path, gqa_path, tmp_path):
-    cfg = _cfg(tmp_path, n=8)
+    cfg = _cfg(tmp_path, n=8, n_tiny_only=4)
     card = make_pair_card(cfg.pair, tiny_path, gqa_path)
     out = tmp_path / "corpus"
     errors = []
@@ -62,6 +63,11 @@ def test_build_survives_a_killed_worker_and_resumes(ray_cluster, tiny_path, gqa_
     data = corpus.load()
     keys = list(zip(data["subset_id"].tolist(), data["step"].tolist()))
     assert sorted(keys) == [(s, st) for s in range(8) for st in (20, 30)]  # complete, no duplicates
+    only = corpus.load(corpus.tiny_only_ids, sides=("tiny",))
+    base = TINY_ONLY_BASE
+    assert sorted(zip(only["subset_id"].tolist(), only["step"].tolist())) == [
+        (s, st) for s in range(base, base + 4) for st in (20, 30)]  # the TinyLM-only kind, on the same workers
+    assert corpus.manifest["n_tiny_only_subsets"] == 4
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     # a rerun finds every shard complete and rewrites none
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}

@@ -188,3 +188,85 @@ def test_load_reads_many_row_groups_and_filters(built, card, tmp_path):
     assert empty.keys() == ref.keys() and empty["llm"].shape == (0, 3, 320)
     streamed = list(CorpusDataset(Corpus(tmp_path), subset_ids=[2], batch_rows=1))
     torch.testing.assert_close(torch.stack([lm for _, lm in streamed]), ref["llm"][ref["subset_id"] == 2], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- TinyLM-only subsets
+
+
+@pytest.fixture(scope="module")
+def mixed(cfg, card, tmp_path_factory):
+    """A corpus of 3 paired and 2 TinyLM-only subsets, built in-process."""
+    out = tmp_path_factory.mktemp("mixed")
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    produced = {}
+    for subset in plan_subsets(cfg, 3, seed=5) + plan_subsets(cfg, 2, seed=5, kind="tiny_only"):
+        if corpus_mod.is_tiny_only(subset.subset_id):
+            rows = corpus_mod.finetune_tiny_only(tiny, subset, FT)
+        else:
+            rows = finetune_pair(tiny, llm, subset, FT)
+        produced[subset.subset_id] = rows
+        write_shard(out, subset.subset_id, rows, corpus_schema(card))
+    manifest = write_manifest(out, card, {"test": True}, 3, n_tiny_only=2)
+    return out, produced, manifest
+
+
+def test_tiny_only_subsets_have_their_own_ids_and_stream(cfg):
+    paired = plan_subsets(cfg, 4, seed=5)
+    tiny_only = plan_subsets(cfg, 4, seed=5, kind="tiny_only")
+    base = corpus_mod.TINY_ONLY_BASE
+    assert [s.subset_id for s in tiny_only] == [base, base + 1, base + 2, base + 3]
+    assert all(s.spec.split == "public" for s in tiny_only)
+    assert {s.spec.seed for s in tiny_only}.isdisjoint({s.spec.seed for s in paired})  # other subsets
+    assert plan_subsets(cfg, 6, seed=5, kind="tiny_only")[:4] == tiny_only  # growing keeps earlier ones
+    with pytest.raises(ValueError, match="subset kind must be one of"):
+        plan_subsets(cfg, 1, seed=5, kind="llm_only")
+
+
+def test_tiny_only_rows_equal_the_tiny_half_of_a_pair(cfg, card):
+    """The same examples, order and seed: the TinyLM update does not depend on the LLM's presence."""
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    subset = plan_subsets(cfg, 1, seed=5, kind="tiny_only")[0]
+    only = corpus_mod.finetune_tiny_only(tiny, subset, FT)
+    pair = finetune_pair(tiny, llm, subset, FT)
+    assert [r["step"] for r in only] == FT.snapshot_steps
+    for a, b in zip(only, pair):
+        assert a["llm"] is None and a["llm_loss"] is None
+        np.testing.assert_array_equal(a["tiny"], b["tiny"])
+        assert np.abs(a["tiny"]).max() > 0
+    with pytest.raises(ValueError, match="is a paired subset"):
+        corpus_mod.finetune_tiny_only(tiny, plan_subsets(cfg, 1, seed=5)[0], FT)
+
+
+def test_mixed_corpus_counts_and_loads_each_kind(mixed):
+    out, produced, manifest = mixed
+    base = corpus_mod.TINY_ONLY_BASE
+    assert (manifest["n_subsets"], manifest["n_tiny_only_subsets"]) == (3, 2)
+    assert (manifest["n_rows"], manifest["n_tiny_only_rows"]) == (3 * len(FT.snapshot_steps), 2 * len(FT.snapshot_steps))
+    corpus = Corpus(out)
+    assert corpus.subset_ids == [0, 1, 2]
+    assert corpus.tiny_only_ids == [base, base + 1]
+    assert corpus.all_subset_ids == [0, 1, 2, base, base + 1]
+    paired = corpus.load()  # default: the paired subsets, both sides
+    assert sorted(set(paired["subset_id"].tolist())) == [0, 1, 2]
+    only = corpus.load(corpus.tiny_only_ids, sides=("tiny",))
+    assert set(only) == {"tiny", "subset_id", "step", "secret_k"}
+    expected = np.stack([r["tiny"] for i in corpus.tiny_only_ids for r in produced[i]])
+    np.testing.assert_array_equal(only["tiny"].reshape(len(expected), -1).numpy(), expected)
+    with pytest.raises(ValueError, match="TinyLM-only subset\\(s\\) .* have no LLM update"):
+        corpus.load([base])
+    specs = corpus.subset_specs()
+    assert set(specs) == {0, 1, 2, base, base + 1}  # the function loss regenerates their examples
+    stats = corpus_stats(corpus)
+    assert (stats["n_subsets"], stats["n_tiny_only_subsets"]) == (3, 2)
+
+
+def test_manifest_refuses_a_shard_of_the_wrong_kind(cfg, card, mixed, tmp_path):
+    out, produced, _ = mixed
+    base = corpus_mod.TINY_ONLY_BASE
+    for i in (0, 1, 2):
+        write_shard(tmp_path, i, produced[i], corpus_schema(card))
+    write_shard(tmp_path, base, produced[0], corpus_schema(card))  # paired rows under a TinyLM-only id
+    with pytest.raises(ValueError, match="llm vectors are null; a TinyLM-only shard needs all"):
+        write_manifest(tmp_path, card, {}, 3, n_tiny_only=1)
+    with pytest.raises(ValueError, match="incomplete: 1 subset"):
+        write_manifest(tmp_path, card, {}, 3, n_tiny_only=2)
