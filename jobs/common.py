@@ -88,6 +88,29 @@ def write_json(location: str | Path, data: Any) -> str | Path:
     return location
 
 
+def provenance(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a results file must name to be re-checked: the git commit of the code (and
+    whether the work tree had uncommitted changes), the command line and the config.
+    ``git_commit`` is None where the code is not a git checkout (e.g. an installed wheel)."""
+    import dataclasses
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None,
+            "command": " ".join(["gt-ray" if sys.argv[0].endswith("gt-ray") else sys.argv[0], *sys.argv[1:]]),
+            "config": dataclasses.asdict(cfg)}
+
+
 def local_ray_env() -> dict[str, str]:
     """Environment for the embedded local cluster: loopback only, no auth, no usage stats.
 

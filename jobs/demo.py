@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from jobs import build_corpus, eval_translator, evaluate, prepare_pair, service_round, train_translator, tune_translator
-from jobs.common import base_parser, init_ray, kv, load_config, work_dir
+from jobs.common import base_parser, init_ray, kv, load_config, provenance, work_dir
 
 
 def main(argv=None) -> None:
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     results["service_round"] = round_info
     results["stage_seconds"] = times
     results["total_seconds"] = round(time.time() - t0, 1)
+    results["provenance"] = provenance(cfg)
     (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     write_plots(out, results)
     kv(stage="demo", status="done", seconds=results["total_seconds"], results=out / evaluate.RESULTS_FILE)

@@ -39,7 +39,7 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
 from gt_ray.stats import LEVEL, paired_bootstrap, per_task_accuracy, task_weight_totals
-from jobs.common import UserError, base_parser, kv, load_config, work_location, write_json
+from jobs.common import UserError, base_parser, kv, load_config, provenance, work_location, write_json
 from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
@@ -94,6 +94,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
                                   org_specs(cfg, seed, [specs[i] for i in train_ids]))
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
+    out["provenance"] = provenance(cfg)
     write_json(work_location(cfg, RESULTS_FILE), out)
     write_plot(work_location(cfg), out)
     print(format_results(out))
