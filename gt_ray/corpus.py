@@ -17,7 +17,6 @@ tensor (``Corpus.load``). ``benchmarks/bench_corpus_memory.py`` measures the pea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -301,7 +300,7 @@ def _check_vectors(parts: Iterable[pa.Table], name: str) -> int:
             for values in vector_views(part.column(col)):  # (rows, width), Arrow's memory
                 b["finite"] &= bool(np.isfinite(values).all())
                 b["zero"] += [row + int(i) for i in np.flatnonzero(~values.any(axis=1))]
-                b["digests"].update(hashlib.sha256(v.tobytes()).hexdigest() for v in values)
+                b["digests"].update(storage.sha256_bytes(v.tobytes()) for v in values)
                 row += len(values)
         n += part.num_rows
     for col, b in bad.items():

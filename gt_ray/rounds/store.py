@@ -353,7 +353,7 @@ class RoundStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             zip_directory(final, result_dir / ADAPTER_ZIP)
             state.result["adapter"] = {"kind": kind, **info, "zip": f"{RESULT_DIR}/{ADAPTER_ZIP}",
-                                       "sha256": storage.sha256_bytes((result_dir / ADAPTER_ZIP).read_bytes()),
+                                       "sha256": storage.sha256(result_dir / ADAPTER_ZIP),
                                        "base_model": self.llm_path}
             self._write(state)
         logger.info("exported round %s as a PEFT adapter (%s, r=%s)", round_id, kind, info["r"])
