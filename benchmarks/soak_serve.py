@@ -50,7 +50,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from bench_serve import build_provider_files  # the sibling script (run this one as a script)
 from gt_ray.models import load_card_side
 from gt_ray.org import SubmissionError, submit_vector
-from gt_ray.rounds import RoundSpec, RoundStore, compute_round_update, write_stacked_adapter
+from gt_ray.rounds import RoundStore, compute_round_update, write_stacked_adapter
 from gt_ray.wire import write_norm_bound
 from gt_ray.translator import load_translator
 from gt_ray.updates import export_peft_adapter

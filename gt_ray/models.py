@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from gt_ray import storage
 from gt_ray import tasks as tasks_mod
 from gt_ray.config import ExperimentConfig, HealConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
-from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, hash_file, publish_model_dir
+from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 
 logger = logging.getLogger(__name__)
@@ -364,7 +364,7 @@ def weights_sha256(path: str | Path) -> str:
         raise ValueError(f"{path}: no weight files")
     for f in files:
         h.update(f.name.encode())
-        hash_file(h, f)
+        storage.hash_file(h, f)
     return h.hexdigest()
 
 

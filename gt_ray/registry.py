@@ -16,7 +16,6 @@ The package is located with ``importlib.util.find_spec`` and never imported: a p
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -25,6 +24,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from gt_ray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -106,24 +107,10 @@ def locate_gguf(entry: RegistryModel) -> Path:
     return path
 
 
-def hash_file(h, path: str | Path) -> None:
-    """Feed a file's bytes into the hash object ``h``, 1 MiB at a time."""
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of one file (registry files here; corpus shards in gt_ray.corpus)."""
-    h = hashlib.sha256()
-    hash_file(h, path)
-    return h.hexdigest()
-
-
 def verify_gguf(entry: RegistryModel) -> Path:
     """Locate the entry's file and check its sha256. Raises ValueError on a mismatch."""
     path = locate_gguf(entry)
-    got = file_sha256(path)
+    got = storage.sha256(path)
     if got != entry.sha256:
         raise ValueError(f"{path}: sha256 {got[:16]}... does not match the expected {entry.sha256[:16]}... "
                          f"for {entry.name}: refusing a file that is not the pinned one")

@@ -171,13 +171,19 @@ def sha256_bytes(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def sha256(location: str | os.PathLike) -> str:
-    """sha256 of one file, read 1 MiB at a time."""
+def hash_file(h, location: str | os.PathLike) -> None:
+    """Feed a file's bytes into the hash object ``h``, 1 MiB at a time (several files can
+    go into one digest, as :func:`gt_ray.models.weights_sha256` does)."""
     fs, path = resolve(location)
-    h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+def sha256(location: str | os.PathLike) -> str:
+    """sha256 of one file, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    hash_file(h, location)
     return h.hexdigest()
 
 

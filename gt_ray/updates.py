@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from gt_ray import storage
+
 logger = logging.getLogger(__name__)
 
 MAX_UPDATE_ELEMENTS = 1 << 31
@@ -61,7 +63,7 @@ class UpdateLayout:
     def fingerprint(self) -> str:
         """sha256 of the ordered (key, shape) list: equal layouts, equal fingerprints."""
         blob = json.dumps([[e.key, list(e.shape)] for e in self.entries], separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return storage.sha256_bytes(blob.encode())
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "d_layer": self.d_layer, "fingerprint": self.fingerprint,
@@ -229,4 +231,4 @@ def seeded_lora_init(layout: UpdateLayout, seed: int) -> torch.Tensor:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of a tensor's float32 bytes (for init checks and provenance)."""
-    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+    return storage.sha256_bytes(t.detach().float().contiguous().cpu().numpy().tobytes())

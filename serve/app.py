@@ -35,7 +35,7 @@ Errors are ``{"detail": message}``: 401 bad/missing token, 403 wrong org or not 
 404 unknown round, 409 conflict (slot taken, key reused, closed, quorum not met), 413 body
 too large, 415 a translate body neither JSON nor octet-stream, 422 invalid request or
 vector (also an all-zero one, or one whose norm is far outside the shadow corpus' range:
-``gt_ray.rounds.check_update_content``). A client mistake never gives a 500.
+``gt_ray.wire.check_update_content``). A client mistake never gives a 500.
 
 Tokens: the tokens file is ``{"admin": TOKEN, "orgs": {ORG_ID: TOKEN, ...}}``; tokens are
 at least 16 printable characters, all different; only their sha256 is kept in memory and

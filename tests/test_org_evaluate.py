@@ -13,7 +13,7 @@ from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side, load_model, make_pair_card, recipe_of
-from gt_ray.rounds import _zip_directory
+from gt_ray.rounds import zip_directory
 from gt_ray.updates import export_peft_adapter
 from tests.conftest import tiny_spec
 
@@ -46,7 +46,7 @@ def world(tiny_path, gqa_path, tmp_path_factory):
     examples, _ = org.load_org_examples(str(train), org.card_data_format(card))
     update = finetune(llm, examples, FT, seed=0).final.update
     adapter = export_peft_adapter(llm.model, llm.layout, llm.init, update, d / "adapter", str(gqa_path))
-    _zip_directory(adapter, d / "adapter.zip")
+    zip_directory(adapter, d / "adapter.zip")
     return {"card": card, "card_path": card_path, "test": test, "adapter": adapter, "zip": d / "adapter.zip",
             "dir": d}
 

@@ -1,161 +1,30 @@
-"""gt_ray.rounds: round specs, vector bytes, persistence and idempotency, closing in each
-mode, robust rules under poisoning, central noise, and PEFT export (plain and stacked)."""
+"""gt_ray.rounds.store: persistence and idempotency, content checks on submit, closing in each
+mode, and PEFT export (plain and stacked)."""
 
 import json
-import struct
 import zipfile
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import save as save_safetensors_bytes
 
-from gt_ray.aggregate import mean_sensitivity
-from gt_ray.config import LoraSpec, PairConfig
-from gt_ray.models import load_card_side, load_model, make_pair_card
-from gt_ray.privacy import analytic_gaussian_sigma
-from gt_ray.rounds import ADAPTER_ZIP, DEFAULT_MODE, ROUND_FILE, OrgNotExpectedError, RoundConflictError, RoundSpec, RoundStore, UnknownRoundError, compute_round_update
-from gt_ray.wire import NORM_BOUND_FILE, load_norm_bound, write_norm_bound
-from gt_ray.wire import NormBound, parse_update_bytes, update_to_bytes
+from gt_ray.models import load_card_side, load_model
+from gt_ray.rounds.spec import (ADAPTER_ZIP, ROUND_FILE, OrgNotExpectedError, RoundConflictError, RoundSpec,
+                                UnknownRoundError)
+from gt_ray.rounds.store import RoundStore
 from gt_ray.updates import apply_update, split_factors
-from gt_ray.wire import UPDATE_FORMAT
-from tests.conftest import tiny_spec
-
-LORA = LoraSpec(rank=2, alpha=16, target_modules=["q_proj", "v_proj"], init_seed_tiny=7, init_seed_llm=8)
+from gt_ray.wire import NormBound, parse_update_bytes, update_to_bytes
+from tests.rounds_helpers import LORA, linear_translate, make_card, tiny_shape, vector
 
 
 @pytest.fixture(scope="module")
 def card(tiny_path, gqa_path):
-    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96), lora=LORA)
-    return make_pair_card(pair, tiny_path, gqa_path)
+    return make_card(tiny_path, gqa_path)
 
 
 @pytest.fixture(scope="module")
 def llm(card):
     return load_card_side(card, "llm")
-
-
-def tiny_shape(card):
-    return card.tiny.n_layers, card.tiny.d_layer
-
-
-_VECTORS: dict = {}
-
-
-def vector(card, seed, scale=0.01, **meta):
-    """A random TinyLM vector as file bytes, with ``n_examples`` and other metadata.
-
-    Memoized: safetensors writes its metadata map in no fixed order, so writing the same
-    vector twice can give different bytes (a file read twice does not).
-    """
-    key = (card.card_id, seed, scale, tuple(sorted(meta.items())))
-    if key not in _VECTORS:
-        t = torch.randn(*tiny_shape(card), generator=torch.Generator().manual_seed(seed)) * scale
-        _VECTORS[key] = update_to_bytes(t, card.tiny.layout_fingerprint, {"n_examples": 32, **meta})
-    return _VECTORS[key]
-
-
-def linear_translate(card, seed=0):
-    """A fixed random linear map TinyLM -> LLM: the modes must agree for the mean under it."""
-    (lt, dt), (ll, dl) = tiny_shape(card), (card.llm.n_layers, card.llm.d_layer)
-    w = torch.randn(lt * dt, ll * dl, generator=torch.Generator().manual_seed(seed)) / (lt * dt) ** 0.5
-
-    def translate(x):  # (B, L_tiny, d_tiny) -> (B, L_llm, d_llm)
-        return (x.reshape(x.shape[0], -1) @ w).reshape(x.shape[0], ll, dl)
-
-    return translate
-
-
-def test_default_mode_is_aggregate_then_translate():
-    assert DEFAULT_MODE == "aggregate_then_translate" and RoundSpec().mode == DEFAULT_MODE
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rule": "max"}, "rule must be one of"),
-    ({"mode": "both"}, "mode must be one of"),
-    ({"weight_space": True}, "weight_space needs mode 'translate_then_aggregate'"),
-    ({"weight_space": True, "mode": "translate_then_aggregate", "rule": "median"}, "a median of LoRA products"),
-    ({"clip_norm": 0.0}, "clip_norm must be a finite number > 0"),
-    ({"clip_norm": float("nan")}, "clip_norm must be a finite number > 0"),
-    ({"trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\)"),
-    ({"expected_orgs": []}, "expected_orgs must name at least one"),
-    ({"expected_orgs": ["a", "a"]}, "lists an organization twice"),
-    ({"expected_orgs": ["../x"]}, "expected_orgs entry must be"),
-    ({"expected_orgs": ["a"], "quorum": 2}, "quorum 2 exceeds the 1 expected"),
-    ({"quorum": 0}, "quorum must be an integer >= 1"),
-    ({"dp_epsilon": 1.0}, "dp_epsilon and dp_delta go together"),
-    ({"dp_epsilon": 1.0, "dp_delta": 1e-5}, "central DP noise needs clip_norm"),
-    ({"dp_epsilon": 1.0, "dp_delta": 1e-5, "clip_norm": 1.0, "rule": "median"}, "central DP noise needs clip_norm"),
-    ({"accept_outliers": True}, "accept_outliers needs a robust rule"),
-    ({"accept_outliers": True, "rule": "weighted_mean"}, "accept_outliers needs a robust rule"),
-    ({"accept_outliers": True, "rule": "trimmed_mean", "trim_fraction": 0.0}, "needs trim_fraction > 0"),
-])
-def test_spec_refuses_bad_combinations(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        RoundSpec(**kwargs)
-
-
-def test_spec_round_trips_through_json():
-    spec = RoundSpec(rule="trimmed_mean", trim_fraction=0.2, expected_orgs=["a", "b", "c"], quorum=2, clip_norm=3.0)
-    assert RoundSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    with pytest.raises(ValueError, match="unknown RoundSpec keys"):
-        RoundSpec.from_dict({"rule": "mean", "colour": "red"})
-
-
-def _header_blob(header: dict, data: bytes = b"") -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + data
-
-
-@pytest.mark.parametrize("make, match", [
-    (lambda c: b"abc", "shorter than the 8-byte header length"),
-    (lambda c: struct.pack("<Q", 1 << 40) + b"{}", "header length .* exceeds"),
-    (lambda c: struct.pack("<Q", 4) + b"\xff\xfe{}", "its header is not JSON"),
-    (lambda c: _header_blob([1, 2]), "not a JSON object"),
-    (lambda c: save_safetensors_bytes({"update": torch.zeros(2, 256)}), "not a gt-ray update vector"),
-    (lambda c: save_safetensors_bytes({"update": torch.zeros(2, 256), "x": torch.zeros(1)},
-                                      metadata={"format": UPDATE_FORMAT}), "exactly one tensor named 'update'"),
-    (lambda c: save_safetensors_bytes({"update": torch.zeros(2, 256, dtype=torch.int32)},
-                                      metadata={"format": UPDATE_FORMAT}), "update dtype must be one of"),
-    (lambda c: _header_blob({"__metadata__": {"format": UPDATE_FORMAT},
-                             "update": {"dtype": "F32", "shape": [2, 256], "data_offsets": [0, 2048]}}, b"\0" * 16),
-     "not a readable safetensors file"),
-    (lambda c: update_to_bytes(torch.ones(*tiny_shape(c)), "f" * 64), "does not match the card's"),
-    (lambda c: save_safetensors_bytes({"update": torch.full(tiny_shape(c), float("nan"))},
-                                      metadata={"format": UPDATE_FORMAT, "fingerprint": c.tiny.layout_fingerprint}),
-     r"non-finite value"),
-    (lambda c: update_to_bytes(torch.ones(3, 7), c.tiny.layout_fingerprint), r"shape \[3, 7\], the card's layout needs"),
-], ids=["too short", "huge header length", "header not utf-8", "header not an object", "no gt-ray format",
-        "two tensors", "int dtype", "truncated data", "wrong fingerprint", "NaN", "wrong shape"])
-def test_parse_update_bytes_refuses_bad_input(card, make, match):
-    with pytest.raises(ValueError, match=match):
-        parse_update_bytes(make(card), card.tiny.layout_fingerprint, tiny_shape(card))
-
-
-def test_parse_update_bytes_reads_what_update_to_bytes_wrote(card):
-    t = torch.randn(*tiny_shape(card))
-    got, meta = parse_update_bytes(update_to_bytes(t, card.tiny.layout_fingerprint, {"n_examples": 5}),
-                                   card.tiny.layout_fingerprint, tiny_shape(card))
-    torch.testing.assert_close(got, t, rtol=0, atol=0)
-    assert meta == {"n_examples": 5, "fingerprint": card.tiny.layout_fingerprint}
-
-
-def test_norm_bound_round_trips_beside_the_checkpoint(card, tmp_path):
-    assert load_norm_bound(tmp_path) is None  # no file: the bound is off, the service still starts
-    vectors = torch.randn(20, *tiny_shape(card), generator=torch.Generator().manual_seed(0)) * 0.01
-    path = write_norm_bound(tmp_path, vectors, card.tiny.layout_fingerprint)
-    assert path == tmp_path / NORM_BOUND_FILE
-    norms = vectors.flatten(1).norm(dim=1)
-    bound = load_norm_bound(tmp_path, 4.0, card.tiny.layout_fingerprint)
-    assert bound.factor == 4.0
-    assert bound.low == pytest.approx(float(norms.min()) / 4) and bound.high == pytest.approx(float(norms.max()) * 4)
-    with pytest.raises(ValueError, match="was written for TinyLM layout"):
-        load_norm_bound(tmp_path, 4.0, "f" * 64)
-    with pytest.raises(ValueError, match="must be finite and non-zero"):
-        write_norm_bound(tmp_path, torch.zeros(3, *tiny_shape(card)))
-    (tmp_path / NORM_BOUND_FILE).write_text("{}")
-    with pytest.raises(ValueError, match="not a gt-ray input norm file"):
-        load_norm_bound(tmp_path)
 
 
 def test_zero_and_out_of_range_vectors_are_refused_unless_a_robust_round_accepts_outliers(card, tmp_path):
@@ -246,7 +115,7 @@ def test_accepted_submissions_survive_a_new_store_verbatim(card, tmp_path):
     for i, org in enumerate("ab"):
         stored = (reopened.round_dir("r1") / "submissions" / f"{org}.safetensors").read_bytes()
         assert stored == vector(card, i)
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp*"))  # no temporary file left behind
     assert json.loads((reopened.round_dir("r1") / ROUND_FILE).read_text())["status"] == "open"
 
 
@@ -288,35 +157,6 @@ def test_modes_agree_for_a_linear_translator_and_weighted_mean_follows_n_example
     expected = translate((0.25 * x[0] + 0.75 * x[1]).unsqueeze(0))[0]
     for got in results.values():
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-
-
-def test_translation_of_the_wrong_shape_is_refused(card):
-    with pytest.raises(ValueError, match=r"translate returned \(1, 2, 3\), expected a tensor of shape"):
-        compute_round_update(RoundSpec(), [torch.zeros(*tiny_shape(card))], [1], lambda x: torch.zeros(1, 2, 3),
-                             (card.llm.n_layers, card.llm.d_layer))
-
-
-@pytest.mark.parametrize("rule, robust", [("mean", False), ("median", True), ("trimmed_mean", True)])
-def test_robust_rules_resist_one_poisoned_submission(rule, robust):
-    g = torch.Generator().manual_seed(0)
-    center = torch.randn(2, 64, generator=g)
-    honest = [center + 0.1 * torch.randn(2, 64, generator=g) for _ in range(4)]
-    poisoned = 100 * honest[0]
-    out = compute_round_update(RoundSpec(rule=rule, trim_fraction=0.2), honest + [poisoned], [1] * 5,
-                               lambda x: x, (2, 64))
-    error = float((out.update - center).norm() / center.norm())
-    assert (error < 0.15) == robust, f"{rule}: relative error {error:.3f}"
-    if not robust:
-        assert error > 10  # one organization dragged the mean 20x its own size away
-
-
-def test_central_noise_is_calibrated_on_the_clipped_mean(card):
-    spec = RoundSpec(clip_norm=1.0, dp_epsilon=2.0, dp_delta=1e-5)
-    vectors = [torch.randn(2, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    noisy = compute_round_update(spec, vectors, [1] * 4, lambda x: x, (2, 64), torch.Generator().manual_seed(1))
-    clean = compute_round_update(RoundSpec(clip_norm=1.0), vectors, [1] * 4, lambda x: x, (2, 64))
-    assert noisy.sigma == pytest.approx(analytic_gaussian_sigma(2.0, 1e-5, mean_sensitivity(1.0, 4)))
-    assert float((noisy.update - clean.update).std()) == pytest.approx(noisy.sigma, rel=0.2)
 
 
 def _logits(model, card):
