@@ -104,11 +104,11 @@ from gt_ray.config import DPConfig, FinetuneConfig
 from gt_ray.privacy import (
     MECHANISM_KINDS,
     NEIGHBOURING_RELATIONS,
-    PrivacyLedger,
     PrivacyReport,
     VectorMechanism,
     privatize,
 )
+from gt_ray.privacy_ledger import PrivacyLedger
 from gt_ray.wire import HEADER_VALUE, check_id, load_update, save_update
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ def finetune_org(card: PairCard | str | Path, data: str, out: str | Path, *, mod
 
     Raises:
         ValueError: bad data, a card/model mismatch, bad options, a round already
-            released, or :class:`gt_ray.privacy.BudgetExceededError` (a ``ValueError``)
+            released, or :class:`gt_ray.privacy_ledger.BudgetExceededError` (a ``ValueError``)
             when the release would exceed the budget. Nothing is written then.
         FinetuneError: fine-tuning diverged or the LoRA weights did not move (nothing is
             written, nothing is recorded in the ledger).

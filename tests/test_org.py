@@ -17,7 +17,8 @@ import torch
 from gt_ray import org
 from gt_ray.config import DPConfig, FinetuneConfig, PairConfig
 from gt_ray.models import make_pair_card
-from gt_ray.privacy import BudgetExceededError, PrivacyLedger, VectorMechanism
+from gt_ray.privacy import VectorMechanism
+from gt_ray.privacy_ledger import BudgetExceededError, PrivacyLedger
 from gt_ray.wire import load_update, save_update
 from tests.conftest import ROOT, tiny_spec
 
