@@ -6,7 +6,7 @@ Runs ``gt-ray serve`` (``python -m jobs.cli serve``) as a child process with its
 Ray cluster on 127.0.0.1, opens ``--rounds`` rounds that each expect all ``--orgs``
 organizations (the rules and modes cycle through mean, weighted mean, median, trimmed mean
 and the weight-space mean), and has ``--threads`` client threads send every organization's
-vector to every round with :func:`gt_ray.org.submit_vector` (retries with one idempotency
+vector to every round with :func:`gt_ray.org.client.submit_vector` (retries with one idempotency
 key per submission). A round is closed (and its adapter exported) as soon as the clients
 hold all of its receipts, while other rounds still take submissions. After a third and
 after two thirds of the submissions (``--kills``), the whole service -- driver, raylet,
@@ -49,7 +49,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from bench_serve import build_provider_files  # the sibling script (run this one as a script)
 from gt_ray.models import load_card_side
-from gt_ray.org import SubmissionError, submit_vector
+from gt_ray.org.client import SubmissionError, submit_vector
 from gt_ray.rounds import RoundStore, compute_round_update, write_stacked_adapter
 from gt_ray.wire import write_norm_bound
 from gt_ray.translator import load_translator

@@ -1,5 +1,6 @@
-"""Differential privacy for a released update vector, a per-organization budget ledger,
-and the DP-SGD accountant used by the organization's fine-tune.
+"""Differential privacy for a released update vector, and the DP-SGD accountant used by
+the organization's fine-tune: clipping, sensitivity, noise calibration, the vector
+mechanism. The per-organization budget ledger is :mod:`gt_ray.privacy_ledger`.
 
 Unit of privacy
 ---------------
@@ -18,23 +19,19 @@ it releases. Two inputs are neighbours under one of two relations, named explici
 training example** (add/remove under Poisson sampling, as opacus accounts it).
 
 The intended flow of a release: ``ledger.check(org, eps, delta)`` before any noise is
-drawn, then :func:`privatize`, then ``ledger.record(...)``.
+drawn (:class:`gt_ray.privacy_ledger.PrivacyLedger`), then :func:`privatize`, then
+``ledger.record(...)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -43,17 +40,10 @@ UNIT_OF_PRIVACY = "organization"
 """One organization's whole dataset, released only as one update vector."""
 NEIGHBOURING_RELATIONS = ("replace", "add_remove")
 MECHANISM_KINDS = ("gaussian", "laplace")
-LEDGER_FORMAT = "gt_ray.privacy_ledger/1"
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 257)) + [512, 1024]
-"""Renyi orders used to convert the ledger's Gaussian releases to (epsilon, delta)."""
 
 # Relative width at which the bisections stop; far below any meaningful change of epsilon.
 _BISECTION_RTOL = 1e-12
 _BISECTION_MAX_ITERS = 400
-
-
-class BudgetExceededError(ValueError):
-    """A release would take an organization past its privacy budget."""
 
 
 # --------------------------------------------------------------------------------------
@@ -72,12 +62,14 @@ def _check_vector(v: torch.Tensor) -> None:
         raise ValueError("vector contains non-finite values (NaN or inf)")
 
 
-def _check_positive(name: str, value: float) -> None:
+def check_positive(name: str, value: float) -> None:
+    """Raises ValueError unless ``value`` is a finite real number > 0."""
     if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def _check_release(epsilon: float, delta: float) -> None:
+def check_release(epsilon: float, delta: float) -> None:
+    """Raises ValueError unless ``0 <= epsilon < inf`` and ``0 <= delta < 1`` (one release's values)."""
     if not (isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon >= 0):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
     if not 0 <= delta < 1:
@@ -85,7 +77,7 @@ def _check_release(epsilon: float, delta: float) -> None:
 
 
 def _clip(v: torch.Tensor, clip_norm: float, p: int) -> tuple[torch.Tensor, float]:
-    _check_positive("clip_norm", clip_norm)
+    check_positive("clip_norm", clip_norm)
     # The norm is taken in float64 so that a large float32/bfloat16 vector is measured
     # accurately; the scaled result goes back to the input dtype and shape.
     norm = float(torch.linalg.vector_norm(v.detach().to(torch.float64), ord=p))
@@ -147,7 +139,7 @@ def vector_sensitivity(clip_norm: float, neighbouring: str) -> float:
     Raises:
         ValueError: unknown ``neighbouring`` or bad ``clip_norm``.
     """
-    _check_positive("clip_norm", clip_norm)
+    check_positive("clip_norm", clip_norm)
     if neighbouring == "replace":
         return 2.0 * clip_norm
     if neighbouring == "add_remove":
@@ -223,8 +215,8 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) ->
     Raises:
         ValueError: an argument is out of range.
     """
-    _check_positive("epsilon", epsilon)
-    _check_positive("sensitivity", sensitivity)
+    check_positive("epsilon", epsilon)
+    check_positive("sensitivity", sensitivity)
     if not 0 < delta < 1:
         raise ValueError(f"delta must satisfy 0 < delta < 1, got {delta}")
 
@@ -258,8 +250,8 @@ def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> 
     Raises:
         ValueError: ``epsilon >= 1`` (the theorem does not hold) or another bad argument.
     """
-    _check_positive("epsilon", epsilon)
-    _check_positive("sensitivity", sensitivity)
+    check_positive("epsilon", epsilon)
+    check_positive("sensitivity", sensitivity)
     if epsilon >= 1:
         raise ValueError(
             f"the classic Gaussian mechanism bound only holds for epsilon < 1, got "
@@ -288,8 +280,8 @@ def gaussian_epsilon(sigma: float, sensitivity: float, delta: float) -> float:
     Raises:
         ValueError: an argument is out of range.
     """
-    _check_positive("sigma", sigma)
-    _check_positive("sensitivity", sensitivity)
+    check_positive("sigma", sigma)
+    check_positive("sensitivity", sensitivity)
     if not 0 < delta < 1:
         raise ValueError(f"delta must satisfy 0 < delta < 1, got {delta}")
     s = sigma / sensitivity
@@ -318,8 +310,8 @@ def laplace_scale(epsilon: float, sensitivity: float) -> float:
     Raises:
         ValueError: an argument is out of range.
     """
-    _check_positive("epsilon", epsilon)
-    _check_positive("sensitivity", sensitivity)
+    check_positive("epsilon", epsilon)
+    check_positive("sensitivity", sensitivity)
     return sensitivity / epsilon
 
 
@@ -351,7 +343,7 @@ class VectorMechanism:
     def __post_init__(self) -> None:
         if self.kind not in MECHANISM_KINDS:
             raise ValueError(f"kind must be one of {MECHANISM_KINDS}, got {self.kind!r}")
-        _check_positive("epsilon", self.epsilon)
+        check_positive("epsilon", self.epsilon)
         if self.kind == "gaussian" and not 0 < self.delta < 1:
             raise ValueError(
                 f"delta must satisfy 0 < delta < 1 for the gaussian mechanism, "
@@ -362,7 +354,7 @@ class VectorMechanism:
                 f"delta must be 0.0 for the laplace mechanism (it is pure epsilon-DP), "
                 f"got {self.delta}"
             )
-        _check_positive("clip_norm", self.clip_norm)
+        check_positive("clip_norm", self.clip_norm)
         if self.neighbouring not in NEIGHBOURING_RELATIONS:
             raise ValueError(
                 f"neighbouring must be one of {NEIGHBOURING_RELATIONS}, "
@@ -481,240 +473,6 @@ def privatize(
 
 
 # --------------------------------------------------------------------------------------
-# Budget ledger
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class LedgerEntry:
-    """One release by one organization."""
-
-    round_id: str
-    epsilon: float
-    delta: float
-    mechanism: str
-    """``gaussian``, ``laplace`` or any other label (e.g. ``dp_sgd``)."""
-    noise_multiplier: float | None = None
-    """``sigma / sensitivity`` of a Gaussian release; enables the RDP total."""
-
-
-@dataclass
-class BudgetSpent:
-    """Totals of one organization's releases."""
-
-    epsilon: float
-    """Sum of epsilons: basic composition, an upper bound."""
-    delta: float
-    """Sum of deltas: basic composition, an upper bound."""
-    n_releases: int
-    gaussian_rdp_epsilon: float | None
-    """Epsilon of the Gaussian releases alone (those with a noise multiplier), composed
-    with Renyi DP (opacus' analysis) at ``delta = gaussian_rdp_delta``; tighter than basic
-    composition for many releases. ``None`` when there are none. Not used by ``check``."""
-    gaussian_rdp_delta: float | None
-
-
-class PrivacyLedger:
-    """Per-organization privacy budget, persisted as a JSON file.
-
-    Totals use **basic (sequential) composition** (Dwork & Roth, "The Algorithmic
-    Foundations of Differential Privacy", Theorem 3.16): ``k`` releases that are
-    ``(eps_i, delta_i)``-DP together are ``(sum eps_i, sum delta_i)``-DP. This is an upper
-    bound: advanced composition or RDP (see :class:`BudgetSpent`) is tighter, but the
-    budget is enforced on the basic total so that mixed mechanisms stay sound.
-
-    The file is rewritten atomically (temp file + ``os.replace``) on every record. One
-    writer per file: two processes recording into the same ledger concurrently can lose
-    an entry.
-
-    Args:
-        path: the JSON file; loaded if it exists.
-        eps_budget: total epsilon each organization may spend, ``> 0``.
-        delta_budget: total delta each organization may spend, ``0 <= delta_budget < 1``.
-
-    Raises:
-        ValueError: bad budgets, or the file is not a ledger.
-    """
-
-    def __init__(self, path: str | os.PathLike, eps_budget: float, delta_budget: float):
-        _check_positive("eps_budget", eps_budget)
-        if not 0 <= delta_budget < 1:
-            raise ValueError(f"delta_budget must satisfy 0 <= delta_budget < 1, got {delta_budget}")
-        self.path = Path(path)
-        self.eps_budget = float(eps_budget)
-        self.delta_budget = float(delta_budget)
-        self._entries: dict[str, list[LedgerEntry]] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = json.loads(self.path.read_text())
-        if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"{self.path} is not a privacy ledger (format {LEDGER_FORMAT})")
-        self._entries = {
-            org: [LedgerEntry(**e) for e in entries]
-            for org, entries in data["organizations"].items()
-        }
-
-    def _save(self) -> None:
-        data = {
-            "format": LEDGER_FORMAT,
-            "unit": UNIT_OF_PRIVACY,
-            "organizations": {
-                org: [dataclasses.asdict(e) for e in entries]
-                for org, entries in self._entries.items()
-            },
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-    def entries(self, org_id: str) -> list[LedgerEntry]:
-        """The releases recorded for ``org_id``, oldest first (a copy)."""
-        return list(self._entries.get(org_id, []))
-
-    def spent(self, org_id: str) -> BudgetSpent:
-        """Totals spent by ``org_id`` so far (zeros for an unknown organization).
-
-        Args:
-            org_id: the organization.
-
-        Returns:
-            :class:`BudgetSpent`.
-        """
-        entries = self._entries.get(org_id, [])
-        rdp_eps = rdp_delta = None
-        multipliers = [e.noise_multiplier for e in entries if e.noise_multiplier is not None]
-        if multipliers and self.delta_budget > 0:
-            # Imported here: importing opacus costs ~1.5 s, which the provider service
-            # and aggregation should not pay unless they ask for RDP totals.
-            from opacus.accountants.analysis import rdp as rdp_analysis
-
-            # One unsampled Gaussian release of noise multiplier z: q=1, one step.
-            rdp = sum(
-                np.asarray(
-                    rdp_analysis.compute_rdp(
-                        q=1.0, noise_multiplier=z, steps=1, orders=RDP_ORDERS
-                    )
-                )
-                for z in multipliers
-            )
-            eps, _ = rdp_analysis.get_privacy_spent(
-                orders=RDP_ORDERS, rdp=rdp, delta=self.delta_budget
-            )
-            rdp_eps, rdp_delta = float(eps), self.delta_budget
-        return BudgetSpent(
-            epsilon=math.fsum(e.epsilon for e in entries),
-            delta=math.fsum(e.delta for e in entries),
-            n_releases=len(entries),
-            gaussian_rdp_epsilon=rdp_eps,
-            gaussian_rdp_delta=rdp_delta,
-        )
-
-    def check(self, org_id: str, epsilon: float, delta: float) -> None:
-        """Refuse a release that would take ``org_id`` past the budget.
-
-        Call it before any noise is drawn.
-
-        Args:
-            org_id: the organization.
-            epsilon: epsilon of the planned release.
-            delta: delta of the planned release.
-
-        Raises:
-            BudgetExceededError: basic-composition totals would exceed ``eps_budget`` or
-                ``delta_budget``.
-            ValueError: ``epsilon`` or ``delta`` out of range.
-        """
-        _check_release(epsilon, delta)
-        entries = self._entries.get(org_id, [])
-        total_eps = math.fsum([e.epsilon for e in entries] + [epsilon])
-        total_delta = math.fsum([e.delta for e in entries] + [delta])
-        if total_eps > self.eps_budget or total_delta > self.delta_budget:
-            spent = self.spent(org_id)
-            raise BudgetExceededError(
-                f"privacy budget exceeded for organization {org_id!r}: spent "
-                f"epsilon={spent.epsilon:.6g}, delta={spent.delta:.6g} over "
-                f"{spent.n_releases} releases; this release asks epsilon={epsilon:.6g}, "
-                f"delta={delta:.6g}; the budget is epsilon={self.eps_budget:.6g}, "
-                f"delta={self.delta_budget:.6g} (basic composition)"
-            )
-
-    def record(
-        self,
-        org_id: str,
-        round_id: str,
-        *,
-        epsilon: float,
-        delta: float,
-        mechanism: str,
-        noise_multiplier: float | None = None,
-    ) -> None:
-        """Record a release that has happened, and save the file.
-
-        A release is recorded even if it exceeds the budget (the spending happened; a
-        warning is logged): call :meth:`check` first to prevent that.
-
-        Args:
-            org_id: the organization.
-            round_id: the round; one release per organization and round.
-            epsilon: ``>= 0``.
-            delta: ``0 <= delta < 1``.
-            mechanism: a label, e.g. ``gaussian``.
-            noise_multiplier: ``sigma / sensitivity`` for a Gaussian release.
-
-        Raises:
-            ValueError: bad values, or ``round_id`` is already recorded for ``org_id``.
-        """
-        _check_release(epsilon, delta)
-        if noise_multiplier is not None:
-            _check_positive("noise_multiplier", noise_multiplier)
-        entries = self._entries.setdefault(org_id, [])
-        if any(e.round_id == round_id for e in entries):
-            raise ValueError(
-                f"organization {org_id!r} already has a release recorded for round {round_id!r}"
-            )
-        entries.append(
-            LedgerEntry(
-                round_id=str(round_id),
-                epsilon=float(epsilon),
-                delta=float(delta),
-                mechanism=mechanism,
-                noise_multiplier=None if noise_multiplier is None else float(noise_multiplier),
-            )
-        )
-        self._save()
-        spent = self.spent(org_id)
-        if spent.epsilon > self.eps_budget or spent.delta > self.delta_budget:
-            logger.warning(
-                "organization %r is over its privacy budget: epsilon=%g delta=%g",
-                org_id, spent.epsilon, spent.delta,
-            )
-
-    def record_report(self, org_id: str, round_id: str, report: PrivacyReport) -> None:
-        """:meth:`record` the release described by a :func:`privatize` report."""
-        self.record(
-            org_id,
-            round_id,
-            epsilon=report.epsilon,
-            delta=report.delta,
-            mechanism=report.mechanism,
-            noise_multiplier=(
-                None if report.sigma is None else report.sigma / report.sensitivity
-            ),
-        )
-
-
-# --------------------------------------------------------------------------------------
 # DP-SGD accounting (unit: one training example inside an organization)
 # --------------------------------------------------------------------------------------
 
@@ -745,11 +503,11 @@ def dp_sgd_epsilon(
     Raises:
         ValueError: an argument is out of range or the accountant is unknown.
     """
-    from opacus.accountants import create_accountant  # lazy: see PrivacyLedger.spent
+    from opacus.accountants import create_accountant  # lazy: importing opacus costs ~1.5 s
 
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must satisfy 0 < sample_rate <= 1, got {sample_rate}")
-    _check_positive("noise_multiplier", noise_multiplier)
+    check_positive("noise_multiplier", noise_multiplier)
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps}")
     if not 0 < delta < 1:

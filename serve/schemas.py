@@ -3,7 +3,7 @@
 ``ProviderArgs`` is what ``serve run serve/config.yaml`` passes to ``serve.app:build_app``
 and what ``gt-ray serve`` builds from its flags. The request/response models are the
 service's OpenAPI schema (``GET /openapi.json``); the submission schema is the one
-``gt_ray.org.submit_vector`` sends.
+``gt_ray.org.client.submit_vector`` sends.
 """
 
 from typing import Any, Literal
@@ -133,7 +133,7 @@ class CreateRoundRequest(_Request):
 
 
 class SubmissionRequest(_Request):
-    """``POST /v1/rounds/{round_id}/submissions``: what ``gt_ray.org.submit_vector`` sends."""
+    """``POST /v1/rounds/{round_id}/submissions``: what ``gt_ray.org.client.submit_vector`` sends."""
 
     org_id: str = Field(pattern=ID_REGEX)
     """The submitting organization; must be the token's."""

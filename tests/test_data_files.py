@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gt_ray import org, tasks
+from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig, TaskConfig
 from gt_ray.corpus import (Corpus, corpus_schema, finetune_pair, plan_subsets, shadow_examples, subset_config,
                            write_manifest, write_shard)
 from gt_ray.models import build_char_tokenizer, load_card_side, make_pair_card, recipe_of
+from gt_ray.org.data import card_data_format, load_org_examples
+from gt_ray.org.finetune import finetune_org
 from gt_ray.wire import load_update
 from tests.conftest import tiny_spec
 
@@ -147,11 +149,11 @@ def test_corpus_from_jsonl_files_end_to_end(cfg, card, data_dir, tmp_path):
 def test_card_carries_the_data_format_and_the_org_reads_its_file_with_it(cfg, card, data_dir, tmp_path):
     assert card.recipe["data_format"] == tasks.data_format(cfg.tasks)
     assert "data_format" not in recipe_of(ExperimentConfig(pair=cfg.pair, finetune=FT))  # generated world: unchanged
-    examples, _ = org.load_org_examples(str(data_dir / "private_train.jsonl"), org.card_data_format(card))
+    examples, _ = load_org_examples(str(data_dir / "private_train.jsonl"), card_data_format(card))
     first = json.loads((data_dir / "private_train.jsonl").read_text().splitlines()[0])
     assert (examples[0].prompt, examples[0].answer) == (first["question"] + "=", first["answer"])
-    path, meta = org.finetune_org(card.save(tmp_path / "card.json"), str(data_dir / "private_train.jsonl"),
-                                  tmp_path / "v.safetensors", seed=0)
+    path, meta = finetune_org(card.save(tmp_path / "card.json"), str(data_dir / "private_train.jsonl"),
+                              tmp_path / "v.safetensors", seed=0)
     update, _ = load_update(path, expected_fingerprint=card.tiny.layout_fingerprint)
     assert meta["n_examples"] == 40 and meta["recipe_fingerprint"] == card.recipe_fingerprint and update.norm() > 0
 

@@ -39,3 +39,34 @@ def test_no_unsafe_deserialization():
             for line in text.splitlines():
                 if "torch.load(" in line:
                     assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:  # `from a import b`: a and a.b
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_the_org_library_neither_parses_flags_nor_prints():
+    """Flags, printing and progress bars belong to the CLI (jobs/org.py)."""
+    paths = sorted((ROOT / "gt_ray" / "org").rglob("*.py"))
+    assert paths
+    for path in paths:
+        for name in _imports(path):
+            assert name.split(".")[0] not in ("argparse", "tqdm"), f"{path.relative_to(ROOT)} imports {name}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "print", f"{path.relative_to(ROOT)}:{node.lineno} calls print"
+
+
+def test_provider_code_never_imports_the_org_client():
+    """The provider (rounds, the service) and the organization (gt_ray.org) share only the wire format."""
+    paths = sorted((ROOT / "gt_ray").glob("rounds*.py")) + sorted((ROOT / "serve").rglob("*.py"))
+    for path in paths:
+        for name in _imports(path):
+            assert not (name == "gt_ray.org" or name.startswith("gt_ray.org.")), \
+                f"{path.relative_to(ROOT)} imports {name}"

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from gt_ray import org, tasks
+from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig, TaskConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side, load_model, make_pair_card, recipe_of
+from gt_ray.org.data import card_data_format, load_org_examples
+from gt_ray.org.evaluate import evaluate_adapter
 from gt_ray.rounds import zip_directory
 from gt_ray.updates import export_peft_adapter
+from jobs import org as org_cli
 from tests.conftest import tiny_spec
 
 FT = FinetuneConfig(lr=3e-2, steps=60, batch_size=16, n_examples=48, snapshot_steps=[60])
@@ -43,7 +46,7 @@ def world(tiny_path, gqa_path, tmp_path_factory):
     card = make_pair_card(pair, tiny_path, gqa_path, recipe=recipe_of(cfg))
     card_path = card.save(d / "card.json")
     llm = load_card_side(card, "llm")
-    examples, _ = org.load_org_examples(str(train), org.card_data_format(card))
+    examples, _ = load_org_examples(str(train), card_data_format(card))
     update = finetune(llm, examples, FT, seed=0).final.update
     adapter = export_peft_adapter(llm.model, llm.layout, llm.init, update, d / "adapter", str(gqa_path))
     zip_directory(adapter, d / "adapter.zip")
@@ -52,23 +55,23 @@ def world(tiny_path, gqa_path, tmp_path_factory):
 
 
 def test_adapter_beats_the_llm_alone_and_the_base_line_is_the_plain_llm(world, gqa_path):
-    out = org.evaluate_adapter(world["card_path"], world["adapter"], str(world["test"]))
+    out = evaluate_adapter(world["card_path"], world["adapter"], str(world["test"]))
     base, adapted = out["llm"], out["llm+adapter"]
     assert out["n_examples"] == base.n == adapted.n == 40 and out["card_id"] == world["card"].card_id
     # fine-tuned on the same task, the update helps on held-out inputs (seeded: 3.39 -> 3.03 nats;
     # both score 0 exact matches: the fixture LLM is pretrained for 2 steps only)
     assert adapted.nll < base.nll - 0.25
     model, tok = load_model(gqa_path)  # the LLM alone, loaded without any adapter code
-    examples, _ = org.load_org_examples(str(world["test"]), org.card_data_format(world["card"]))
+    examples, _ = load_org_examples(str(world["test"]), card_data_format(world["card"]))
     plain = score_model(model, tok, examples)
     assert base.accuracy == plain.accuracy and base.nll == pytest.approx(plain.nll, rel=1e-5)
-    zipped = org.evaluate_adapter(world["card_path"], world["zip"], str(world["test"]))
+    zipped = evaluate_adapter(world["card_path"], world["zip"], str(world["test"]))
     assert zipped["llm+adapter"].to_dict() == pytest.approx(adapted.to_dict())
 
 
 def test_cli_prints_one_line_per_model(world, capsys):
-    org.main(["evaluate", "--card", str(world["card_path"]), "--adapter", str(world["zip"]), "--data", str(world["test"]),
-              "--batch-size", "16"])
+    org_cli.main(["evaluate", "--card", str(world["card_path"]), "--adapter", str(world["zip"]), "--data", str(world["test"]),
+                 "--batch-size", "16"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["model=llm", "model=llm+adapter"]
     assert all(line.split()[1].startswith("accuracy=") and line.split()[2].startswith("answer_nll=")
@@ -104,11 +107,11 @@ def test_errors_are_one_clear_line(world, tiny_path, tmp_path, capsys):
     for change, message in cases:
         args = {"adapter": world["adapter"], "data": world["test"], "model_path": None, **change}
         with pytest.raises(ValueError, match=message):
-            org.evaluate_adapter(world["card_path"], args["adapter"], str(args["data"]), model_path=args["model_path"])
+            evaluate_adapter(world["card_path"], args["adapter"], str(args["data"]), model_path=args["model_path"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        org.main(["evaluate", "--card", str(world["card_path"]), "--adapter", str(tmp_path / "bad.zip"),
-                  "--data", str(world["test"])])
+        org_cli.main(["evaluate", "--card", str(world["card_path"]), "--adapter", str(tmp_path / "bad.zip"),
+                     "--data", str(world["test"])])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: adapter ") and "not a readable zip file" in err[0]

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from gt_ray import org
 from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig
 from gt_ray.models import PairCard, make_pair_card, recipe_of
+from gt_ray.org.finetune import finetune_org, load_org_model
 from gt_ray.wire import load_update
+from jobs import org as org_cli
 from tests.conftest import tiny_spec
 
 DATA = "generated:k=3,mix=caesar:0.5/add:0.5,n=32,seed=7"
@@ -45,7 +46,7 @@ def test_card_records_the_recipe_and_old_cards_keep_their_id(card, pair, tiny_pa
 
 
 def test_org_finetune_follows_the_card_recipe(card, tmp_path):
-    path, meta = org.finetune_org(card, DATA, tmp_path / "v.safetensors", seed=0)
+    path, meta = finetune_org(card, DATA, tmp_path / "v.safetensors", seed=0)
     assert (meta["steps"], meta["lr"], meta["batch_size"]) == (6, 5e-3, 4)
     assert meta["recipe_fingerprint"] == card.recipe_fingerprint and meta["recipe_mismatch"] is False
     update, stored = load_update(path, expected_fingerprint=card.tiny.layout_fingerprint)
@@ -56,9 +57,9 @@ def test_a_different_recipe_is_refused_unless_allowed(card, tmp_path):
     other = FinetuneConfig(lr=1e-2, steps=6, batch_size=4, snapshot_steps=[6])
     with pytest.raises(ValueError, match=r"fine-tune recipe differs from pair card .*: lr 0\.01 \(card: 0\.005\); "
                                          r"pass --allow-recipe-mismatch"):
-        org.finetune_org(card, DATA, tmp_path / "v.safetensors", cfg=other, seed=0)
+        finetune_org(card, DATA, tmp_path / "v.safetensors", cfg=other, seed=0)
     assert not (tmp_path / "v.safetensors").exists()
-    _, meta = org.finetune_org(card, DATA, tmp_path / "v.safetensors", cfg=other, seed=0, allow_recipe_mismatch=True)
+    _, meta = finetune_org(card, DATA, tmp_path / "v.safetensors", cfg=other, seed=0, allow_recipe_mismatch=True)
     assert meta["lr"] == 1e-2 and meta["recipe_mismatch"] is True
     assert meta["recipe_fingerprint"] != card.recipe_fingerprint
 
@@ -67,18 +68,18 @@ def test_cli_uses_the_recipe_and_refuses_a_mismatch_in_one_line(card, tmp_path, 
     card_path = card.save(tmp_path / "card.json")
     base = ["finetune", "--card", str(card_path), "--data", DATA, "--seed", "0"]
     with pytest.raises(SystemExit) as exit_:
-        org.main([*base, "--out", str(tmp_path / "a.safetensors"), "--batch-size", "8"])
+        org_cli.main([*base, "--out", str(tmp_path / "a.safetensors"), "--batch-size", "8"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and err[-1].startswith("error: fine-tune recipe differs from pair card")
     assert "batch_size 8 (card: 4)" in err[-1]
-    org.main([*base, "--out", str(tmp_path / "b.safetensors")])
+    org_cli.main([*base, "--out", str(tmp_path / "b.safetensors")])
     out = capsys.readouterr().out
     assert "steps=6" in out and f"recipe_fingerprint={card.recipe_fingerprint}" in out
-    org.main([*base, "--out", str(tmp_path / "c.safetensors"), "--batch-size", "8", "--allow-recipe-mismatch"])
+    org_cli.main([*base, "--out", str(tmp_path / "c.safetensors"), "--batch-size", "8", "--allow-recipe-mismatch"])
     assert "recipe_mismatch=True" in capsys.readouterr().out
 
 
 def test_the_tinylm_is_loaded_in_the_card_dtype(card):
     bf16 = dataclasses.replace(card, recipe={**card.recipe, "dtype": "bfloat16"})
-    lm = org.load_org_model(bf16)
+    lm = load_org_model(bf16)
     assert next(lm.model.parameters()).dtype == torch.bfloat16
