@@ -112,7 +112,7 @@ class PrivacyLedger:
                 for org, entries in self._entries.items()
             },
         }
-        storage.write_text(self.path, json.dumps(data, indent=2, sort_keys=True))
+        storage.write_text(self.path, json.dumps(data, indent=2, sort_keys=True), private=True)
 
     def entries(self, org_id: str) -> list[LedgerEntry]:
         """The releases recorded for ``org_id``, oldest first (a copy)."""

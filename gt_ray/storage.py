@@ -120,12 +120,17 @@ def read_text(location: str | os.PathLike) -> str:
 
 
 @contextmanager
-def open_output(location: str | os.PathLike) -> Iterator[IO[bytes]]:
+def open_output(location: str | os.PathLike, private: bool = False) -> Iterator[IO[bytes]]:
     """A binary stream that becomes ``location`` only if the block completes.
 
     Locally: a temporary name in the same directory, fsync, rename (parents created). On an
     object store: the object itself, which appears only when its upload completes (a killed
     process leaves nothing; an exception in the block deletes the object again).
+
+    Args:
+        private: locally, create the file readable by its owner only (mode 0600), e.g. an
+            organization's submitted vector or a privacy ledger; an object store keeps its
+            bucket's access rules.
     """
     fs, path = resolve(location)
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -142,7 +147,8 @@ def open_output(location: str | os.PathLike) -> Iterator[IO[bytes]]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -151,19 +157,19 @@ def open_output(location: str | os.PathLike) -> Iterator[IO[bytes]]:
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes(location: str | os.PathLike, data: bytes) -> None:
-    """Write a whole file atomically (see :func:`open_output`)."""
-    with open_output(location) as f:
+def write_bytes(location: str | os.PathLike, data: bytes, private: bool = False) -> None:
+    """Write a whole file atomically (see :func:`open_output`, also for ``private``)."""
+    with open_output(location, private) as f:
         f.write(data)
 
 
-def write_text(location: str | os.PathLike, text: str) -> None:
-    write_bytes(location, text.encode())
+def write_text(location: str | os.PathLike, text: str, private: bool = False) -> None:
+    write_bytes(location, text.encode(), private)
 
 
-def write_json(location: str | os.PathLike, data: object) -> None:
+def write_json(location: str | os.PathLike, data: object, private: bool = False) -> None:
     """Write ``data`` as indented, key-sorted JSON (no NaN) atomically (see :func:`open_output`)."""
-    write_text(location, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text(location, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", private)
 
 
 def sha256_bytes(blob: bytes) -> str:

@@ -115,6 +115,7 @@ def test_accepted_submissions_survive_a_new_store_verbatim(card, tmp_path):
     for i, org in enumerate("ab"):
         stored = (reopened.round_dir("r1") / "submissions" / f"{org}.safetensors").read_bytes()
         assert stored == vector(card, i)
+        assert (reopened.round_dir("r1") / "submissions" / f"{org}.safetensors").stat().st_mode & 0o777 == 0o600
     assert not list(tmp_path.rglob("*.tmp*"))  # no temporary file left behind
     assert json.loads((reopened.round_dir("r1") / ROUND_FILE).read_text())["status"] == "open"
 

@@ -247,3 +247,16 @@ def test_service_args_take_a_checkpoint_and_card_uri_but_keep_state_and_tokens_l
     with pytest.raises(ValueError, match=r"checkpoint s3://gt-ray/svc/elsewhere\?.* holds no translator.json"):
         ProviderArgs(checkpoint=s3.format("svc/elsewhere"), card=card, tokens=str(tmp_path / "tokens.json"),
                      state_dir=str(tmp_path))
+
+
+def test_private_files_are_owner_only(tmp_path):
+    """Organizations' vectors and privacy ledgers are written 0600; other artifacts follow the umask."""
+    storage.write_bytes(tmp_path / "secret.bin", b"x", private=True)
+    storage.write_json(tmp_path / "ledger.json", {"a": 1}, private=True)
+    storage.write_bytes(tmp_path / "public.bin", b"y")
+    assert (tmp_path / "secret.bin").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ledger.json").stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "public.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "public.bin", "secret.bin"]  # no temp files

@@ -90,7 +90,7 @@ class RoundStore:
                     raise ValueError(f"state dir {self.root} belongs to pair card {found.get('card_id')!r}, "
                                      f"not {self.card_id!r}: use another --state-dir")
             else:
-                storage.write_json(path, identity)
+                storage.write_json(path, identity, private=True)
 
     # --- paths and state
 
@@ -111,7 +111,7 @@ class RoundStore:
         return state
 
     def _write(self, state: RoundState) -> None:
-        storage.write_json(self.round_dir(state.round_id) / ROUND_FILE, state.to_dict())
+        storage.write_json(self.round_dir(state.round_id) / ROUND_FILE, state.to_dict(), private=True)
 
     @contextlib.contextmanager
     def _locked(self, round_id: str) -> Iterator[RoundState]:
@@ -219,7 +219,7 @@ class RoundStore:
             if existing is not None:
                 raise RoundConflictError(f"organization {org_id!r} already submitted a different vector to round "
                                          f"{round_id!r} (sha256 {existing.sha256[:12]}...)")
-            storage.write_bytes(self.round_dir(round_id) / SUBMISSIONS_DIR / f"{org_id}.safetensors", blob)
+            storage.write_bytes(self.round_dir(round_id) / SUBMISSIONS_DIR / f"{org_id}.safetensors", blob, private=True)
             state.submissions[org_id] = Submission(f"rcpt-{secrets.token_hex(10)}", sha, n_examples, _now(),
                                                    [key_hash] if key_hash is not None else [])
             self._write(state)  # the commit point
@@ -282,11 +282,11 @@ class RoundStore:
                                               metadata={"orgs": json.dumps(orgs), "fingerprint": self.llm_fingerprint,
                                                         "clipped": json.dumps(state.spec.weight_space
                                                                               and state.spec.clip_norm is not None)})
-                storage.write_bytes(result_dir / TRANSLATED_FILE, blob)
+                storage.write_bytes(result_dir / TRANSLATED_FILE, blob, private=True)
                 result["translated_file"] = f"{RESULT_DIR}/{TRANSLATED_FILE}"
             if out.update is not None:
                 blob = update_to_bytes(out.update, self.llm_fingerprint, meta)
-                storage.write_bytes(result_dir / UPDATE_FILE, blob)
+                storage.write_bytes(result_dir / UPDATE_FILE, blob, private=True)
                 result.update(update_file=f"{RESULT_DIR}/{UPDATE_FILE}", update_sha256=storage.sha256_bytes(blob),
                               update_norm=float(out.update.norm()))
             state.status, state.result = "closed", result
