@@ -15,7 +15,7 @@ from gt_ray.config import LoraSpec, PairConfig
 from gt_ray.models import load_card_side, load_model, make_pair_card
 from gt_ray.privacy import analytic_gaussian_sigma
 from gt_ray.rounds import ADAPTER_ZIP, DEFAULT_MODE, ROUND_FILE, OrgNotExpectedError, RoundConflictError, RoundSpec, RoundStore, UnknownRoundError, compute_round_update
-from gt_ray.wire import NORM_BOUND_FILE, load_norm_bound, write_norm_bound
+from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound, write_norm_bound
 from gt_ray.wire import NormBound, parse_update_bytes, update_to_bytes
 from gt_ray.updates import apply_update, split_factors
 from gt_ray.wire import UPDATE_FORMAT
