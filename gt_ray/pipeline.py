@@ -20,7 +20,6 @@ import torch
 import yaml
 
 from gt_ray import storage, tasks
-from gt_ray.baselines import vector_metrics
 from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus, split_by_subset
 from gt_ray.evaluate import score_update
@@ -29,6 +28,7 @@ from gt_ray.translator.checkpoint import load_translator
 from gt_ray.translator.config import TrainConfig, TranslatorConfig
 from gt_ray.translator.function_loss import shadow_objective
 from gt_ray.translator.train import train_translator
+from gt_ray.vector_metrics import vector_metrics
 
 logger = logging.getLogger(__name__)
 
