@@ -481,10 +481,14 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    kwargs = {name: from_dict(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = from_dict(hints[name], value, f"{where}.{name}" if where else name)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # TypeError: a required field is missing
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{where or 'config'}: {e}") from None
+    except ValueError as e:
         raise ValueError(f"{where or 'config'}: {e}") from None
 
 
@@ -495,7 +499,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in args:
+            if arg is type(None):
+                continue
             try:
                 return from_dict(arg, value, where)
             except ValueError as e:
@@ -520,13 +526,19 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                     pass
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if tp in _EXPECTED:  # int, bool, str: no conversion (YAML's true is not an integer)
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"{where}: expected {_EXPECTED[tp]}, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
     return value
-
-
-_EXPECTED = {int: "an integer", bool: "true or false", str: "a string"}
 
 
 def load_yaml(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:
