@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig
+from gt_ray.translator.config import TranslatorConfig
+from gt_ray.translator.model import GradTransformer, Normalizer, Translator
 
 
 def parse_args() -> argparse.Namespace:

@@ -42,7 +42,9 @@ import torch
 from gt_ray.config import LoraSpec, ModelSpec, PairConfig, PretrainConfig
 from gt_ray.models import make_pair_card, prepare_model
 from gt_ray.wire import update_to_bytes
-from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, save_translator
+from gt_ray.translator.checkpoint import save_translator
+from gt_ray.translator.config import TranslatorConfig
+from gt_ray.translator.model import GradTransformer, Normalizer, Translator
 
 APP = "gt-ray-bench"
 

@@ -66,7 +66,7 @@ from gt_ray.privacy import VectorMechanism, privatize
 from gt_ray.aggregate import add_gaussian_noise
 from gt_ray.rounds import RoundSpec, compute_round_update
 from gt_ray.updates import apply_update, split_factors
-from jobs.train_translator import load_corpus_and_translator
+from gt_ray.pipeline import load_corpus_and_translator
 
 EPSILONS = (math.inf, 8.0, 1.0)
 KEEP_TARGET = 0.85

@@ -51,8 +51,7 @@ from bench_serve import build_provider_files  # the sibling script (run this one
 from gt_ray.models import load_card_side
 from gt_ray.org.client import SubmissionError, submit_vector
 from gt_ray.rounds import RoundStore, compute_round_update, write_stacked_adapter
-from gt_ray.wire import write_norm_bound
-from gt_ray.translator import load_translator
+from gt_ray.translator.checkpoint import load_translator, write_norm_bound
 from gt_ray.updates import export_peft_adapter
 from gt_ray.wire import save_update
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
-from gt_ray.translator import train_translator  # noqa: E402
-from jobs.common import load_config  # noqa: E402
-from jobs.eval_translator import final_rows, held_out, score_predictions  # noqa: E402
-from jobs.train_translator import function_objective, load_split, resolve_settings  # noqa: E402
+from gt_ray.pipeline import (final_rows, function_objective, held_out, load_split, resolve_settings,  # noqa: E402
+                             score_predictions)
+from gt_ray.translator.train import train_translator  # noqa: E402
+from jobs.common import kv, load_config  # noqa: E402
 
 
 def variants(model_cfg, train_cfg) -> dict:
@@ -107,7 +107,10 @@ def main() -> None:
     for name, b in {"nearest neighbour (k=1)": NearestNeighbour(k=1), "ridge map": RidgeMap(), "mean shadow update": MeanUpdate()}.items():
         preds[name] = b.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(te_final["tiny"])
     preds["true LLM update (ceiling)"] = te_final["llm"]
-    rows = score_predictions(preds, te_final, tests, llm, scale)
+    t_score = time.time()
+    rows = score_predictions(preds, te_final, tests, llm, scale, on_subset=lambda i, n: kv(
+        stage="translator_eval", subset=int(te_final["subset_id"][i]), done=f"{i + 1}/{n}",
+        seconds=round(time.time() - t_score, 1)))
 
     def group_mean(acc: list[float], flag: bool) -> float:
         xs = [a for a, s in zip(acc, seen) if s == flag]

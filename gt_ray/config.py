@@ -1,8 +1,10 @@
 """Typed configuration for every stage, loaded from YAML.
 
 One YAML file per scale (``configs/tiny.yaml``, ...) holds one section per stage; each
-section mirrors one dataclass below. Defaults live here and nowhere else. Unknown keys and
-bad values raise ``ValueError`` with the offending path in the message.
+section mirrors one dataclass below (the translator's own, ``TranslatorConfig``,
+``TrainConfig`` and ``SweepConfig``, live in :mod:`gt_ray.translator.config`, which imports no
+model code). Defaults live in the dataclasses and nowhere else. Unknown keys and bad values
+raise ``ValueError`` with the offending path in the message.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import yaml
 
 from gt_ray import storage
-from gt_ray.translator import TrainConfig
+from gt_ray.translator.config import LAYOUT_FIELDS, SweepConfig, TrainConfig, TranslatorConfig
 
 
 @dataclass
@@ -332,18 +334,15 @@ class CorpusConfig:
             raise ValueError(f"n_tiny_only must be >= 0, got {self.n_tiny_only}")
 
 
-def _default_translator_model() -> dict[str, Any]:
-    return {"d_model": 128, "num_layers": 2, "num_heads": 4, "d_ff": 512, "dropout": 0.1, "normalization": "coordinate"}
-
-
 @dataclass
 class TranslatorSection:
     """Training the Grad-Transformer on the shadow corpus (Ray Train, data parallel)."""
 
-    model: dict[str, Any] = field(default_factory=_default_translator_model)
-    """gt_ray.translator.TranslatorConfig fields except the layouts (taken from the corpus)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, batch_size=32, max_epochs=200, patience=20))
-    """Optimization (gt_ray.translator.TrainConfig)."""
+    model: TranslatorConfig = field(default_factory=TranslatorConfig)
+    """The architecture (gt_ray.translator.config.TranslatorConfig) without the layouts,
+    which come from the corpus."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization (gt_ray.translator.config.TrainConfig)."""
     val_fraction: float = 0.1
     """Fraction of shadow subsets held out for validation (split by subset, never by row):
     they choose epochs, sweep trials and variants."""
@@ -358,68 +357,15 @@ class TranslatorSection:
     Default: ``{work_dir}/translator_best.yaml`` when that file exists."""
 
     def __post_init__(self) -> None:
-        from gt_ray.translator import TranslatorConfig
-
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"test_fraction must be in (0, 1) and leave training subsets beside val_fraction, "
                              f"got {self.test_fraction}")
         _positive(self, "num_workers")
-        bad = {"d_tiny", "L_tiny", "d_llm", "L_llm"} & set(self.model)
+        bad = [name for name in LAYOUT_FIELDS if getattr(self.model, name) is not None]
         if bad:
             raise ValueError(f"model must not set the layouts {sorted(bad)}: they come from the corpus")
-        try:
-            TranslatorConfig(d_tiny=1, L_tiny=1, d_llm=1, L_llm=1, **self.model)
-        except TypeError as e:
-            raise ValueError(f"model: {e}") from None
-
-
-@dataclass
-class SweepConfig:
-    """The Ray Tune search over the translator's hyperparameters (ASHA early stopping)."""
-
-    num_samples: int = 6
-    """Trials drawn from the search space."""
-    max_concurrent_trials: int = 2
-    """Trials at once, as set here: the cluster's size at start is not consulted (an
-    autoscaling cluster may start with no worker; Ray queues trials until resources come)."""
-    max_epochs: int = 40
-    """Epochs per trial at most (ASHA's max_t)."""
-    grace_period: int = 5
-    """Epochs before ASHA may stop a trial."""
-    lr: list[float] = field(default_factory=lambda: [1e-4, 3e-3])
-    """Log-uniform learning-rate bounds [low, high]."""
-    d_model: list[int] = field(default_factory=lambda: [64, 128])
-    """Widths to choose from."""
-    num_layers: list[int] = field(default_factory=lambda: [1, 2])
-    """Depths to choose from."""
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.1])
-    """Dropout rates to choose from."""
-    batch_size: list[int] = field(default_factory=lambda: [16, 32])
-    """Batch sizes to choose from."""
-    seed: int = 0
-    """Seed of the search."""
-    cpus_per_trial: float = 1.0
-    """CPUs each trial reserves (fractions allowed, never 0); torch uses that many threads (at least 1)."""
-    gpus_per_trial: float = 0.0
-    """GPUs each trial reserves: 0 trains on the CPU, a fraction (0.25) shares one GPU among
-    trials, a whole number above 1 gives a trial several. The translator trains on it."""
-
-    def __post_init__(self) -> None:
-        _positive(self, "num_samples", "max_concurrent_trials", "max_epochs", "grace_period")
-        if self.cpus_per_trial <= 0:
-            raise ValueError(f"cpus_per_trial must be > 0 (Ray refuses 0; a GPU trial can take 0.01), "
-                             f"got {self.cpus_per_trial}")
-        if self.gpus_per_trial < 0:
-            raise ValueError(f"gpus_per_trial must be >= 0, got {self.gpus_per_trial}")
-        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
-            raise ValueError(f"gpus_per_trial above 1 must be a whole number, got {self.gpus_per_trial}")
-        if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
-            raise ValueError(f"lr must be [low, high] with 0 < low <= high, got {self.lr}")
-        for name in ("d_model", "num_layers", "dropout", "batch_size"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must list at least one value")
 
 
 @dataclass
@@ -633,3 +579,4 @@ def _positive(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+

@@ -10,13 +10,13 @@ both sides produce and accept the same bytes.
 
 Also here: organization and round ids (:func:`check_id`, they go into URLs and file names),
 HTTP header values (:data:`HEADER_VALUE`), and what a submitted vector may hold
-(:class:`NormBound`, :func:`check_update_content`).
+(:class:`NormBound`, :func:`check_update_content`). The norm bound's file in the translator
+checkpoint is read and written by :mod:`gt_ray.translator.checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import struct
@@ -32,8 +32,6 @@ from safetensors.torch import save as save_safetensors_bytes
 from gt_ray import storage
 from gt_ray.updates import UpdateLayout, validate_update
 
-logger = logging.getLogger(__name__)
-
 UPDATE_TENSOR = "update"
 """Name of the tensor inside an update-vector safetensors file."""
 UPDATE_FORMAT = "gt-ray-update-v1"
@@ -48,9 +46,6 @@ DEFAULT_OUTLIER_FACTOR = 10.0
 """A submitted vector's norm may lie this far outside the shadow corpus' range."""
 ROBUST_RULES = ("median", "trimmed_mean")
 """Aggregation rules that one outlier cannot move far (they may take outliers)."""
-NORM_BOUND_FILE = "input_norms.json"
-"""Written beside the translator checkpoint by :func:`write_norm_bound`."""
-NORM_BOUND_FORMAT = "gt-ray-input-norms-v1"
 
 
 def _is_number(x: Any) -> bool:
@@ -246,62 +241,3 @@ def check_update_content(update: torch.Tensor, bound: NormBound | None = None) -
         raise ValueError(f"the update's L2 norm {norm:.4g} is outside [{bound.low:.4g}, {bound.high:.4g}], the "
                          f"shadow corpus' range [{bound.min_norm:.4g}, {bound.max_norm:.4g}] widened {bound.factor:g}x; "
                          f"only a round with rule {' or '.join(ROBUST_RULES)} and accept_outliers takes it")
-
-
-def write_norm_bound(checkpoint_dir: str | Path, vectors: torch.Tensor, fingerprint: str | None = None) -> str | Path:
-    """Write the norms of the corpus' TinyLM updates beside a translator checkpoint.
-
-    Args:
-        checkpoint_dir: the translator checkpoint directory (a path or a URI, see
-            :mod:`gt_ray.storage`); gets :data:`NORM_BOUND_FILE`.
-        vectors: the corpus' raw TinyLM updates ``(N, L_tiny, d_tiny)`` (before normalizing).
-        fingerprint: their TinyLM layout fingerprint, recorded and checked by :func:`load_norm_bound`.
-
-    Returns:
-        The file's location (a ``Path`` for a path, else the URI).
-
-    Raises:
-        ValueError: no vectors, non-finite values, or a zero vector among them.
-    """
-    if vectors.dim() != 3 or vectors.shape[0] == 0:
-        raise ValueError(f"vectors must be (N >= 1, L_tiny, d_tiny), got {tuple(vectors.shape)}")
-    norms = vectors.detach().double().flatten(1).norm(dim=1)  # (N,)
-    if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
-        raise ValueError("the corpus' TinyLM vectors must be finite and non-zero to bound the input norms")
-    q = torch.quantile(norms, torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)).tolist()
-    data = {"format": NORM_BOUND_FORMAT, "fingerprint": fingerprint, "n_vectors": int(norms.numel()),
-            "min_norm": float(norms.min()), "max_norm": float(norms.max()), "p01_norm": q[0], "median_norm": q[1],
-            "p99_norm": q[2]}
-    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
-    storage.write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    return path if storage.is_uri(path) else Path(path)
-
-
-def load_norm_bound(checkpoint_dir: str | Path, factor: float = DEFAULT_OUTLIER_FACTOR,
-                    fingerprint: str | None = None) -> NormBound | None:
-    """The bound stored beside a translator checkpoint, or ``None`` when it has none (logged).
-
-    Args:
-        checkpoint_dir: the translator checkpoint directory, a path or a URI.
-        factor: how far outside the corpus' range a norm may be.
-        fingerprint: the card's TinyLM layout fingerprint; a file for another layout is refused.
-
-    Raises:
-        ValueError: a file that is not a norm bound, or one for another layout.
-    """
-    path = storage.join(checkpoint_dir, NORM_BOUND_FILE)
-    if not storage.is_file(path):
-        logger.warning("no %s beside the translator checkpoint: the input norm bound is off", path)
-        return None
-    try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError:
-        raise ValueError(f"{path} is not JSON") from None
-    if not isinstance(data, dict) or data.get("format") != NORM_BOUND_FORMAT:
-        raise ValueError(f"{path} is not a gt-ray input norm file (format {NORM_BOUND_FORMAT!r})")
-    if fingerprint is not None and data.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(f"{path} was written for TinyLM layout {data['fingerprint']!r}, not the card's {fingerprint!r}")
-    bound = NormBound(data["min_norm"], data["max_norm"], factor)
-    logger.info("input norm bound [%.4g, %.4g] (corpus [%.4g, %.4g] x%g)", bound.low, bound.high, bound.min_norm,
-                bound.max_norm, factor)
-    return bound

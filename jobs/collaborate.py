@@ -25,7 +25,7 @@ Robust aggregation, at ``n = max(collab.sizes)``: the last member attacks, sendi
 update scaled by ``collab.attack_scale`` (``scale``) or with its sign flipped (``sign_flip``);
 the round aggregates with ``mean``, ``median`` or ``trimmed_mean`` (aggregate then translate,
 as the service does) and is scored beside the clean round with the same rule. Whether the
-service's input-norm bound (``input_norms.json`` beside the translator) would have refused
+service's input-norm bound (the norm file in the translator checkpoint) would have refused
 the attacker's vector in a ``mean`` round is recorded beside it.
 
 The targets of the issue are checked and printed: the aggregate improves with ``n``; at the
@@ -38,7 +38,6 @@ moves accuracy far more than the seed of a fine-tune).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -56,11 +55,10 @@ from gt_ray.evaluate import Scores, score_model, score_update
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, load_card_side, load_model
 from gt_ray.rounds import RoundSpec, compute_round_update, write_stacked_adapter
-from gt_ray.wire import load_norm_bound
+from gt_ray.pipeline import load_corpus_and_translator, subset_split, translator_dir
+from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound, weights_sha256
 from gt_ray.wire import NormBound, check_update_content
-from gt_ray.translator import MODEL_FILENAME
-from jobs.common import base_parser, kv, load_config, work_dir, write_json
-from jobs.train_translator import load_corpus_and_translator, subset_split, translator_dir
+from jobs.common import UserError, base_parser, kv, load_config, work_dir, write_json
 
 RESULTS_FILE = "collaboration.json"
 PLOT_FILE = "collaboration.png"
@@ -83,12 +81,15 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 def run(cfg: ExperimentConfig) -> dict:
     """Load the pair and the translator, run every group, write the JSON and the plot."""
     torch.set_num_threads(cfg.finetune.num_threads)
-    corpus, translator = load_corpus_and_translator(cfg)
+    try:
+        corpus, translator = load_corpus_and_translator(cfg)
+        train_ids, val_ids, _ = subset_split(cfg, corpus)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     card = corpus.card()
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
-    bound, source = load_norm_bound(translator_dir(cfg), fingerprint=card.tiny.layout_fingerprint), "input_norms.json"
+    bound, source = load_norm_bound(translator_dir(cfg), fingerprint=card.tiny.layout_fingerprint), NORM_BOUND_FILE
     if bound is None:  # a checkpoint from before the bound: the same bound, from the subsets it was trained on
-        train_ids, val_ids, _ = subset_split(cfg, corpus)
         norms = corpus.load(train_ids + val_ids)["tiny"].double().flatten(1).norm(dim=1)  # (N,)
         bound, source = NormBound(float(norms.min()), float(norms.max())), "computed from the translator's train+val subsets"
     out = collaborate(cfg, tiny, llm, translator.translate, bound, group_cache(cfg, card.card_id, bound))
@@ -107,7 +108,7 @@ def group_cache(cfg: ExperimentConfig, card_id: str, bound: NormBound) -> Path:
     depends on (not ``groups`` or ``seeds``, which only say which groups run), the card and
     the translator's weights."""
     c = cfg.collab
-    weights = hashlib.sha256((translator_dir(cfg) / MODEL_FILENAME).read_bytes()).hexdigest()
+    weights = weights_sha256(translator_dir(cfg))
     key = config_hash({"collab": {k: v for k, v in dataclasses.asdict(c).items() if k not in ("groups", "seeds")},
                        "finetune": dataclasses.asdict(cfg.finetune), "tasks": dataclasses.asdict(cfg.tasks),
                        "card": card_id, "translator": weights, "norm_bound": [bound.low, bound.high]})

@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+from gt_ray.pipeline import BEST_CONFIG_FILE, translator_dir, translator_dir_from
+from gt_ray.translator.checkpoint import load_history
 from jobs import build_corpus, eval_translator, evaluate, prepare_pair, service_round, train_translator, tune_translator
 from jobs.common import base_parser, init_ray, kv, load_config, provenance, work_dir
 
@@ -42,14 +44,14 @@ def main(argv=None) -> None:
     card = stage("pair", prepare_pair.load_or_prepare_card, cfg)
     ray = init_ray(args.address)
     stage("corpus", build_corpus.build, cfg, card, args.address)
-    if not (work_dir(cfg) / train_translator.BEST_CONFIG_FILE).is_file() and cfg.translator.best_config is None:
+    if not (work_dir(cfg) / BEST_CONFIG_FILE).is_file() and cfg.translator.best_config is None:
         stage("sweep", tune_translator.tune, cfg, args.address)
     stage("translator", train_translator.train, cfg, args.address)
     stage("translator_eval", eval_translator.evaluate, cfg)
     out = work_dir(cfg)
     card_path = out / prepare_pair.CARD_FILE
     tokens = service_round.write_tokens(out / "tokens.json", [f"org-{i}" for i in range(cfg.eval.n_orgs)])
-    with service_round.running_service(cfg, train_translator.translator_dir(cfg), card_path, out / "tokens.json",
+    with service_round.running_service(cfg, translator_dir(cfg), card_path, out / "tokens.json",
                                        ray.get_runtime_context().gcs_address) as url:
         round_info = stage("service_round", service_round.run_round, cfg, card_path, url, tokens, cfg.eval.seeds[0])
         translate = service_round.http_translator(url, tokens["admin"], card)
@@ -71,9 +73,8 @@ def write_plots(out: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     evaluate.write_plot(out, results)
-    hist_path = train_translator.translator_dir_from(out) / train_translator.HISTORY_FILE
-    if hist_path.is_file():
-        hist = json.loads(hist_path.read_text())
+    hist = load_history(translator_dir_from(out))
+    if hist is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([h["epoch"] for h in hist], [h["train_loss"] for h in hist], label="train (the objective)")
         ax.plot([h["epoch"] for h in hist], [h["val_loss"] for h in hist], label="validation (chooses the epoch)")

@@ -38,9 +38,9 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
+from gt_ray.pipeline import fit_baselines, load_corpus_and_translator, subset_split
 from gt_ray.stats import LEVEL, paired_bootstrap, per_task_accuracy, task_weight_totals
 from jobs.common import UserError, base_parser, kv, load_config, provenance, work_location, write_json
-from jobs.train_translator import load_corpus_and_translator
 
 RESULTS_FILE = "results.json"
 ORG_METHODS = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour", "proxy_tuning",
@@ -71,19 +71,19 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
         raise UserError("gt-ray eval simulates organizations on the generated tasks only, and tasks.data_files is set: "
                         "an organization scores a round's adapter on its own test file with `gt-ray org evaluate`")
     torch.set_num_threads(cfg.eval.num_threads)
-    corpus, translator = load_corpus_and_translator(cfg)
+    try:
+        corpus, translator = load_corpus_and_translator(cfg)
+        train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else
+    except ValueError as e:
+        raise UserError(str(e)) from None
     translate = translate or translator.translate
     card = corpus.card()  # from the manifest: works for a corpus at a URI too
     tiny, llm = load_card_side(card, "tiny", cfg.pair.tiny.dtype), load_card_side(card, "llm", cfg.pair.llm.dtype)
-    from jobs.train_translator import subset_split
-
-    train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else
     shadow = corpus.load(train_ids)
     specs = corpus.subset_specs()
     public_updates = public_updates_by_combination(shadow, specs)
-    baselines = {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(), "nearest_neighbour": NearestNeighbour(k=1)}
-    for b in baselines.values():
-        b.fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
+    baselines = fit_baselines(shadow, {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(),
+                                       "nearest_neighbour": NearestNeighbour(k=1)})
     # the premise: does a TinyLM update say what the data is about (the heaviest task's secret)?
     probe = SecretProbe(tasks.N_PARAMS).fit(shadow["tiny"], shadow["secret_k"])
     shared_vocab = shares_vocabulary(tiny.tokenizer, llm.tokenizer)

@@ -21,11 +21,11 @@ import torch
 import yaml
 
 from gt_ray import storage
-from gt_ray.config import ExperimentConfig, SweepConfig, config_hash, from_dict
+from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus
-from gt_ray.translator import TrainConfig, TranslatorConfig
+from gt_ray.pipeline import BEST_CONFIG_FILE, fit, load_split, resolve_settings
+from gt_ray.translator.config import SweepConfig, TrainConfig, TranslatorConfig
 from jobs.common import UserError, init_ray, kv, ray_storage, work_location
-from jobs.train_translator import BEST_CONFIG_FILE, fit, load_split, resolve_settings
 
 SEARCH_KEYS = ("lr", "d_model", "num_layers", "dropout", "batch_size")
 
@@ -80,9 +80,9 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     """Run the sweep and write the best config YAML."""
     try:
         corpus = Corpus(cfg.corpus_dir)
+        model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
     except ValueError as e:
         raise UserError(str(e)) from None
-    model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
     storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
     init_ray(address)  # before any other ray import: it fixes the local cluster's environment
     from ray import tune as rtune

@@ -73,9 +73,8 @@ from ray.serve.handle import DeploymentHandle
 from gt_ray.models import LoadedModel, PairCard, load_card_side
 from gt_ray.wire import HEADER_VALUE, check_id
 from gt_ray.rounds import OrgNotExpectedError, RoundConflictError, RoundSpec, RoundState, RoundStore, UnknownRoundError
-from gt_ray.wire import load_norm_bound
 from gt_ray.wire import check_update_content, parse_update_bytes, update_to_bytes
-from gt_ray.translator import load_translator
+from gt_ray.translator.checkpoint import load_norm_bound, load_translator
 from serve.schemas import (AdapterInfo, BatchSettings, CreateRoundRequest, ErrorBody, Health, ProviderArgs,
                            Readiness, Receipt, RoundResult, RoundStatus, SubmissionRequest, TranslateRequest,
                            TranslateResponse, TranslatorStats)

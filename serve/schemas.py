@@ -15,7 +15,7 @@ from gt_ray.aggregate import AGGREGATION_RULES
 from gt_ray.wire import ID_PATTERN
 from gt_ray.rounds import DEFAULT_MODE, ROUND_MODES, ROUND_STATUSES
 from gt_ray.wire import DEFAULT_OUTLIER_FACTOR
-from gt_ray.translator import CONFIG_FILENAME
+from gt_ray.translator.checkpoint import CONFIG_FILENAME
 
 ID_REGEX = f"^{ID_PATTERN.pattern}$"
 MAX_N_EXAMPLES = 10**12

@@ -299,9 +299,9 @@ def test_rayservice_serve_config_matches_ray_serve_and_the_app(tmp_path):
     from ray.runtime_env import RuntimeEnv
     from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
-    from gt_ray.translator import CONFIG_FILENAME
+    from gt_ray.translator.checkpoint import CONFIG_FILENAME
     from jobs.prepare_pair import CARD_FILE
-    from jobs.train_translator import translator_dir_from
+    from gt_ray.pipeline import translator_dir_from
     from serve.schemas import BatchSettings, ProviderArgs
 
     (service,) = of_kind("RayService")

@@ -78,3 +78,18 @@ def test_derived_model_spec_from_yaml(tmp_path):
     tiny = load_yaml(p).pair.tiny
     assert tiny.derive_from == ModelSpec(path="big")
     assert tiny.keep_layers == [0, 5] and tiny.heal.steps == 7
+
+
+def test_translator_section_is_typed_and_leaves_the_layouts_to_the_corpus():
+    pair = {"tiny": {"path": "a"}, "llm": {"path": "b"}}
+    cfg = from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"d_model": 32, "dropout": 0}}})
+    model = cfg.translator.model
+    assert model.d_model == 32 and model.dropout == 0.0 and isinstance(model.dropout, float)
+    assert model.num_layers == 2 and model.d_tiny is None  # defaults from TranslatorConfig, layouts unset
+    assert cfg.translator.train.max_epochs == 200 and cfg.translator.train.patience == 20
+    with pytest.raises(ValueError, match=r"translator.model: unknown key\(s\) \['widht'\]"):
+        from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"widht": 32}}})
+    with pytest.raises(ValueError, match=r"translator: model must not set the layouts \['d_llm'\]"):
+        from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"d_llm": 8}}})
+    with pytest.raises(ValueError, match="translator.model: TranslatorConfig.d_model=30 is not divisible"):
+        from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"d_model": 30}}})

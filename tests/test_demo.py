@@ -42,7 +42,7 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
     train, val, test = set(meta["train_subsets"]), set(meta["val_subsets"]), set(held["test_subsets"])
     assert train and val and test and not (train & val or train & test or val & test)
     assert meta["selected_on"] == "val_answer_nll"
-    from gt_ray.wire import NORM_BOUND_FILE, load_norm_bound
+    from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound
 
     assert load_norm_bound(work / "translator") is not None  # the service's input-norm bound travels with it
     assert (work / "translator" / NORM_BOUND_FILE).is_file()

@@ -41,13 +41,15 @@ def test_no_unsafe_deserialization():
                     assert "weights_only=True" in line, f"{path}: {line.strip()}"
 
 
-def _imports(path: Path) -> list[str]:
-    names = []
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (``from a import b`` gives a and a.b)."""
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:  # `from a import b`: a and a.b
-            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -56,7 +58,7 @@ def test_the_org_library_neither_parses_flags_nor_prints():
     paths = sorted((ROOT / "gt_ray" / "org").rglob("*.py"))
     assert paths
     for path in paths:
-        for name in _imports(path):
+        for name in _imported_modules(path):
             assert name.split(".")[0] not in ("argparse", "tqdm"), f"{path.relative_to(ROOT)} imports {name}"
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -65,8 +67,37 @@ def test_the_org_library_neither_parses_flags_nor_prints():
 
 def test_provider_code_never_imports_the_org_client():
     """The provider (rounds, the service) and the organization (gt_ray.org) share only the wire format."""
-    paths = sorted((ROOT / "gt_ray").glob("rounds*.py")) + sorted((ROOT / "serve").rglob("*.py"))
+    paths = sorted((ROOT / "gt_ray" / "rounds").rglob("*.py")) + sorted((ROOT / "serve").rglob("*.py"))
+    assert len(paths) > 3
     for path in paths:
-        for name in _imports(path):
+        for name in _imported_modules(path):
             assert not (name == "gt_ray.org" or name.startswith("gt_ray.org.")), \
                 f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_importing_the_config_loads_no_model_code():
+    """Loading a YAML must not pull in torch, transformers or the translator's model."""
+    code = ("import sys\nimport gt_ray.config\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+            " or m.startswith('gt_ray.translator.') and m != 'gt_ray.translator.config'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_jobs_share_code_through_gt_ray_not_each_other():
+    """The translator and evaluation jobs import no other job but jobs.common (the dispatcher
+    `jobs.train_translator.main` may start the tune and eval jobs), and no job imports a
+    job that imports it back."""
+    jobs = {p.stem: p for p in (ROOT / "jobs").glob("*.py") if p.stem != "__init__"}
+    graph = {name: {m.split(".")[1] for m in _imported_modules(path) if m.startswith("jobs.") and m.split(".")[1] in jobs}
+             for name, path in jobs.items()}
+    for name in ("tune_translator", "eval_translator", "evaluate", "collaborate"):
+        assert graph[name] <= {"common"}, f"jobs/{name}.py imports {sorted(graph[name] - {'common'})}"
+    assert graph["train_translator"] <= {"common", "tune_translator", "eval_translator"}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    circles = [name for name in graph if reaches(name, name, {name})]
+    assert not circles, f"import circle among jobs: {circles}"

@@ -21,9 +21,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from gt_ray.config import LoraSpec, PairConfig
 from gt_ray.models import load_card_side, load_model, make_pair_card
 from gt_ray.org.client import submit_vector
-from gt_ray.wire import NORM_BOUND_FILE, write_norm_bound
+from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_translator, save_translator, write_norm_bound
 from gt_ray.wire import parse_update_bytes, update_to_bytes
-from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, load_translator, save_translator
+from gt_ray.translator.config import TranslatorConfig
+from gt_ray.translator.model import GradTransformer, Normalizer, Translator
 from gt_ray.updates import apply_update
 from gt_ray.wire import UPDATE_FORMAT, save_update
 from serve.schemas import ProviderArgs

@@ -144,7 +144,8 @@ def test_local_paths_and_file_uris_are_the_same_place(tmp_path, monkeypatch):
 @pytest.mark.ray
 def test_sweep_on_ray_with_corpus_results_and_best_config_on_s3(s3, pair_and_rows, ray_cluster):
     """Ray Tune's RunConfig gets the S3 location; trials read the corpus from S3."""
-    from gt_ray.config import CorpusConfig, SweepConfig
+    from gt_ray.config import CorpusConfig
+    from gt_ray.translator.config import SweepConfig
     from jobs.common import work_location
     from jobs.tune_translator import tune
 
@@ -172,11 +173,13 @@ def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ra
     """`translator train` writes the checkpoint (weights, config, history, input norms) to
     S3, a rerun finds it there, `translator eval` and the service's loaders read it back."""
     from gt_ray.config import CorpusConfig, TranslatorSection
-    from gt_ray.wire import NORM_BOUND_FILE, load_norm_bound
-    from gt_ray.translator import CONFIG_FILENAME, MODEL_FILENAME, TrainConfig, load_translator
+    from gt_ray.pipeline import translator_dir
+    from gt_ray.translator.checkpoint import (CONFIG_FILENAME, HISTORY_FILENAME, MODEL_FILENAME, NORM_BOUND_FILE,
+                                              load_norm_bound, load_translator)
+    from gt_ray.translator.config import TrainConfig, TranslatorConfig
     from jobs.common import work_location
     from jobs.eval_translator import EVAL_FILE, evaluate
-    from jobs.train_translator import HISTORY_FILE, train, translator_dir
+    from jobs.train_translator import train
 
     card, produced = pair_and_rows
     pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
@@ -190,11 +193,11 @@ def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ra
     cfg = ExperimentConfig(
         pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT, work_dir=s3.format("train"),
         corpus=CorpusConfig(n_subsets=7, storage_path=corpus_uri),
-        translator=TranslatorSection(model={"d_model": 16, "num_layers": 1, "num_heads": 2, "d_ff": 32, "dropout": 0.0},
+        translator=TranslatorSection(model=TranslatorConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, dropout=0.0),
                                      train=TrainConfig(lr=1e-3, batch_size=2, max_epochs=2, patience=2)))
     out = train(cfg)
     assert out == translator_dir(cfg) == work_location(cfg, "translator") and out.startswith("s3://gt-ray/train/")
-    assert storage.list_names(out) == sorted([CONFIG_FILENAME, MODEL_FILENAME, HISTORY_FILE, NORM_BOUND_FILE])
+    assert storage.list_names(out) == sorted([CONFIG_FILENAME, MODEL_FILENAME, HISTORY_FILENAME, NORM_BOUND_FILE])
     before = storage.read_bytes(storage.join(out, MODEL_FILENAME))
     assert train(cfg) == out and storage.read_bytes(storage.join(out, MODEL_FILENAME)) == before  # cached on S3
     translator = load_translator(out, expected_fingerprints={"tiny": card.tiny.layout_fingerprint,
@@ -209,8 +212,9 @@ def test_translator_train_and_eval_with_the_work_dir_on_s3(s3, pair_and_rows, ra
 
 def test_translator_checkpoint_and_norm_bound_round_trip_through_s3(s3, tmp_path):
     """The library side, without Ray: the same files at a URI and at a path, read back equal."""
-    from gt_ray.wire import load_norm_bound, write_norm_bound
-    from gt_ray.translator import GradTransformer, Normalizer, Translator, TranslatorConfig, load_translator, save_translator
+    from gt_ray.translator.checkpoint import load_norm_bound, load_translator, save_translator, write_norm_bound
+    from gt_ray.translator.config import TranslatorConfig
+    from gt_ray.translator.model import GradTransformer, Normalizer, Translator
 
     torch.manual_seed(0)
     config = TranslatorConfig(d_tiny=6, L_tiny=2, d_llm=10, L_llm=3, d_model=16, num_layers=1, num_heads=2, d_ff=32)

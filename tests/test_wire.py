@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from gt_ray.wire import (NORM_BOUND_FILE, UPDATE_FORMAT, load_norm_bound, parse_update_bytes, update_to_bytes,
-                         write_norm_bound)
+from gt_ray.wire import UPDATE_FORMAT, parse_update_bytes, update_to_bytes
+from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound, write_norm_bound
 from tests.rounds_helpers import make_card, tiny_shape
 
 

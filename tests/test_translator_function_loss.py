@@ -9,7 +9,7 @@ import torch
 
 from gt_ray import tasks
 from gt_ray.evaluate import model_logits
-from gt_ray.function_loss import BatchedLora, FunctionObjective, SubsetExamples
+from gt_ray.translator.function_loss import BatchedLora, FunctionObjective, SubsetExamples
 from gt_ray.models import load_with_lora
 from gt_ray.updates import apply_update, read_lora
 
@@ -82,7 +82,8 @@ def test_sampled_batches_stay_inside_their_subset():
 
 
 def test_translator_trains_on_the_answer_loss_and_selects_on_validation_nll(llm):
-    from gt_ray.translator import TrainConfig, TranslatorConfig, train_translator
+    from gt_ray.translator.config import TrainConfig, TranslatorConfig
+    from gt_ray.translator.train import train_translator
 
     g = torch.Generator().manual_seed(0)
     ids = torch.arange(6).repeat_interleave(2)  # 6 subsets x 2 snapshots
@@ -124,7 +125,8 @@ def test_validation_accuracy_is_exact_match_of_each_update_on_its_subset(llm):
 
 
 def test_selecting_epochs_on_validation_accuracy(llm):
-    from gt_ray.translator import TrainConfig, TranslatorConfig, train_translator
+    from gt_ray.translator.config import TrainConfig, TranslatorConfig
+    from gt_ray.translator.train import train_translator
 
     g = torch.Generator().manual_seed(0)
     ids = torch.arange(6).repeat_interleave(2)

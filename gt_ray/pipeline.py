@@ -1,0 +1,230 @@
+"""What the stages after the corpus share: where the translator lives, the one subset split,
+the translator's settings, its training on the split, and the held-out rows it is scored on.
+
+`jobs/train_translator.py`, `jobs/tune_translator.py`, `jobs/eval_translator.py`,
+`jobs/evaluate.py`, `jobs/collaborate.py` and the benchmarks use these instead of importing
+each other. Plain functions of an `ExperimentConfig` and a `Corpus`: no ray. A mistake the
+user can fix (a missing checkpoint, a fingerprint mismatch, bad settings) raises
+``ValueError``; the jobs show it as a one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gt_ray import storage, tasks
+from gt_ray.config import ExperimentConfig, LoraSpec
+from gt_ray.corpus import Corpus, split_by_subset
+from gt_ray.evaluate import score_update
+from gt_ray.models import load_card_side
+from gt_ray.translator.checkpoint import load_translator
+from gt_ray.translator.config import TrainConfig, TranslatorConfig
+from gt_ray.translator.function_loss import shadow_objective
+from gt_ray.translator.train import train_translator
+from gt_ray.vector_metrics import vector_metrics
+
+logger = logging.getLogger(__name__)
+
+TRANSLATOR_DIR = "translator"
+"""The translator checkpoint's directory inside ``work_dir``."""
+BEST_CONFIG_FILE = "translator_best.yaml"
+"""Written by ``gt-ray translator tune`` into ``work_dir``; read by ``gt-ray translator train``."""
+N_TEST = 200
+"""Test examples per held-out test subset (`held_out`)."""
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def translator_dir(cfg: ExperimentConfig) -> str | Path:
+    """``{work_dir}/translator``: a ``Path`` for a local ``work_dir``, else the URI."""
+    location = storage.join(storage.absolute(cfg.work_dir), TRANSLATOR_DIR)
+    return location if storage.is_uri(location) else Path(location)
+
+
+def translator_dir_from(work: Path) -> Path:
+    """The translator checkpoint directory inside a local work directory."""
+    return work / TRANSLATOR_DIR
+
+
+def best_config_location(cfg: ExperimentConfig) -> str:
+    """``translator.best_config``, or ``{work_dir}/translator_best.yaml`` (a path or a URI)."""
+    return cfg.translator.best_config or storage.join(storage.absolute(cfg.work_dir), BEST_CONFIG_FILE)
+
+
+# ----------------------------------------------------------------------------- corpus and split
+
+
+def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device = "cpu"):
+    """The finished corpus and the trained translator checkpoint, checked against each other.
+
+    Returns:
+        (Corpus, Translator in eval mode).
+
+    Raises:
+        ValueError: a missing or unfinished corpus or checkpoint, or a checkpoint for
+            other layouts (fingerprints).
+    """
+    corpus = Corpus(cfg.corpus_dir)
+    return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints, device=device)
+
+
+def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:
+    """Train, validation and test subset ids: the one split every stage and method uses.
+
+    Raises:
+        ValueError: too few subsets for the configured fractions.
+    """
+    return split_by_subset(corpus.subset_ids, cfg.translator.val_fraction, cfg.translator.test_fraction, cfg.seed)
+
+
+def load_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[dict, dict, list[int], list[int]]:
+    """Training and validation rows and their subset ids (the test subsets stay unread)."""
+    train_ids, val_ids, _ = subset_split(cfg, corpus)
+    return corpus.load(train_ids), corpus.load(val_ids), train_ids, val_ids
+
+
+def final_rows(data: dict) -> dict:
+    """Keep each subset's last snapshot, ordered by subset id."""
+    last = {}
+    for i, (s, st) in enumerate(zip(data["subset_id"].tolist(), data["step"].tolist())):
+        if s not in last or st > data["step"][last[s]]:
+            last[s] = i
+    idx = torch.tensor([last[s] for s in sorted(last)])
+    return {k: v[idx] for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------- settings and training
+
+
+def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
+    """The model and train config: config values, overridden by the sweep's best YAML, with
+    the corpus' layouts.
+
+    Returns:
+        (model config, train config, {"settings_source": "config" or the best YAML's location}).
+
+    Raises:
+        ValueError: a ``translator.best_config`` that does not exist, or bad settings.
+    """
+    model, train = cfg.translator.model, cfg.translator.train
+    best_path = best_config_location(cfg)
+    source = "config"
+    overrides: dict[str, Any] = {"model": {}, "train": {}}
+    if storage.is_file(best_path):
+        best = yaml.safe_load(storage.read_text(best_path)) or {}
+        overrides = {"model": best.get("model", {}), "train": best.get("train", {})}
+        source = str(best_path)
+    elif cfg.translator.best_config:
+        raise ValueError(f"translator.best_config {best_path} does not exist (run `gt-ray translator tune`)")
+    (L_t, d_t), (L_l, d_l) = corpus.tiny_shape, corpus.llm_shape
+    try:
+        model_cfg = dataclasses.replace(model, **overrides["model"]).with_layouts(d_tiny=d_t, L_tiny=L_t, d_llm=d_l,
+                                                                                 L_llm=L_l)
+        train_cfg = dataclasses.replace(train, **overrides["train"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"translator settings from {source}: {e}") from None
+    return model_cfg, train_cfg, {"settings_source": source}
+
+
+def function_objective(corpus: Corpus, train_ids: list[int], val_ids: list[int], train_cfg: TrainConfig,
+                       device: str | torch.device = "cpu"):
+    """The card's LLM, frozen, with the training and validation subsets' examples
+    (a `gt_ray.translator.function_loss.FunctionObjective`)."""
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
+    llm = load_card_side(card, "llm")
+    llm.model.to(device)
+    lora = LoraSpec(**card.lora)
+    return shadow_objective(corpus, llm, lora.alpha / lora.rank, train_ids, val_ids, train_cfg.examples_per_subset)
+
+
+def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Corpus, model_cfg: TranslatorConfig,
+        train_cfg: TrainConfig, **kwargs):
+    """``train_translator`` on the split, scored by what the update does (validation answer NLL).
+
+    Args:
+        tr, va: training and validation rows (`load_split`).
+        train_ids, val_ids: their subset ids.
+        corpus: the corpus (its card names the LLM).
+        model_cfg, train_cfg: the settings (`resolve_settings`).
+        **kwargs: passed to `gt_ray.translator.train.train_translator` (device, on_epoch,
+            prepare_model, prepare_train_loader).
+
+    Returns:
+        (translator, history) as `train_translator` returns them.
+    """
+    device = kwargs.get("device", "cpu")
+    objective = function_objective(corpus, train_ids, val_ids, train_cfg, device)
+    return train_translator(tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg,
+                            train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective, **kwargs)
+
+
+# ----------------------------------------------------------------------------- held-out scoring
+
+
+def fit_baselines(rows: dict, baselines: Mapping[str, Any]) -> dict[str, Any]:
+    """Fit each baseline (`gt_ray.baselines`) on corpus rows (their TinyLM and LLM vectors and
+    subset ids); returns the same mapping, fitted."""
+    for baseline in baselines.values():
+        baseline.fit(rows["tiny"], rows["llm"], rows["subset_id"])
+    return dict(baselines)
+
+
+def held_out(cfg: ExperimentConfig, corpus: Corpus, n_test: int = N_TEST):
+    """The training rows, the test subsets' final rows, their test examples and the LLM.
+
+    Returns:
+        (train rows, test final rows, one test list per test subset, LoadedModel of the
+        card's LLM, its LoRA scale alpha / r, test subset ids, whether each test subset's
+        combination is taught by some training subset)
+    """
+    card = corpus.card()  # from the manifest: works for a corpus at a URI too
+    train_ids, _, test_ids = subset_split(cfg, corpus)
+    tr = corpus.load(train_ids)
+    te_final = final_rows(corpus.load(test_ids))
+    specs = corpus.subset_specs()
+    world = corpus.task_config()  # generated tasks, or the corpus' data files
+    seen_combos = {specs[i].combination() for i in train_ids}
+    tests, seen = [], []
+    for sid in te_final["subset_id"].tolist():
+        spec = specs[sid]  # the subset's own task (secrets, mixture) on inputs no shadow fine-tune saw
+        tests.append(tasks.dataset_examples(dataclasses.replace(spec, split="private_test"), world, n=n_test))
+        seen.append(spec.combination() in seen_combos)
+    lora = LoraSpec(**card.lora)
+    return tr, te_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, test_ids, seen
+
+
+def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: float,
+                      on_subset: Callable[[int, int], None] | None = None) -> dict:
+    """Answer NLL / accuracy of the LLM with each predicted update on each subset's test
+    examples, and vector metrics against the true update (not for ``true``/``base``).
+
+    Args:
+        preds: {method: (S, L_llm, d_llm) predicted updates}, one row per test subset.
+        va_final: the test subsets' final rows (`final_rows`), whose "llm" is the true update.
+        tests: one example list per test subset.
+        llm: the card's LLM (a `gt_ray.models.LoadedModel`).
+        scale: its LoRA scale alpha / r.
+        on_subset: called as on_subset(i, n) after subset i of n (progress).
+
+    Returns:
+        {method: {"nll": [...], "accuracy": [...], "vector": [...]}}, one entry per subset.
+    """
+    rows = {name: {"nll": [], "accuracy": [], "vector": []} for name in preds}
+    for i, test in enumerate(tests):
+        for name, p in preds.items():
+            s = score_update(llm, p[i], test)
+            rows[name]["nll"].append(s.nll)
+            rows[name]["accuracy"].append(s.accuracy)
+            if name not in ("true", "base"):
+                rows[name]["vector"].append(vector_metrics(p[i], va_final["llm"][i], llm.layout, llm.init, scale))
+        if on_subset is not None:
+            on_subset(i, len(tests))
+    return rows
