@@ -94,7 +94,8 @@ def main() -> None:
             t0 = time.time()
             translator, hist = train_translator(
                 d["tiny"], d["llm"], va["tiny"], va["llm"], dataclasses.replace(tc, seed=seed), mc,
-                train_subsets=d["subset_id"], val_subsets=va["subset_id"], function=objective if on_nll else None)
+                train_subsets=d["subset_id"], val_subsets=va["subset_id"], function=objective if on_nll else None,
+                train_paired=d["paired"], val_paired=va["paired"])
             key = f"{name} | seed {seed}"
             best = next((h for h in hist if h["epoch"] == translator.metadata.get("best_epoch")), {})
             preds[key] = translator.translate(te_final["tiny"])
@@ -105,7 +106,8 @@ def main() -> None:
                          "val_nll": best.get("val_nll"), "val_accuracy": best.get("val_accuracy")}
             print(f"trained {key}: {info[key]}", flush=True)
     for name, b in {"nearest neighbour (k=1)": NearestNeighbour(k=1), "ridge map": RidgeMap(), "mean shadow update": MeanUpdate()}.items():
-        preds[name] = b.fit(tr["tiny"], tr["llm"], tr["subset_id"]).predict(te_final["tiny"])
+        p = tr["paired"]  # retrieval and maps need LLM vectors: the paired subsets only
+        preds[name] = b.fit(tr["tiny"][p], tr["llm"][p], tr["subset_id"][p]).predict(te_final["tiny"])
     preds["true LLM update (ceiling)"] = te_final["llm"]
     t_score = time.time()
     rows = score_predictions(preds, te_final, tests, llm, scale, on_subset=lambda i, n: kv(

@@ -22,6 +22,7 @@ import yaml
 from gt_ray import storage, tasks
 from gt_ray.config import ExperimentConfig, LoraSpec
 from gt_ray.corpus import Corpus, split_by_subset
+from gt_ray.shadow import is_tiny_only
 from gt_ray.evaluate import score_update
 from gt_ray.models import load_card_side
 from gt_ray.translator.checkpoint import load_translator
@@ -77,7 +78,8 @@ def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device
 
 
 def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:
-    """Train, validation and test subset ids: the one split every stage and method uses.
+    """Train, validation and test ids of the *paired* subsets: the one split every stage and
+    method uses (baselines fit on its training side; the held-out table scores its test side).
 
     Raises:
         ValueError: too few subsets for the configured fractions.
@@ -85,10 +87,42 @@ def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list
     return split_by_subset(corpus.subset_ids, cfg.translator.val_fraction, cfg.translator.test_fraction, cfg.seed)
 
 
+def translator_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:
+    """The translator's train, validation and test ids: the paired split
+    (:func:`subset_split`, unchanged by TinyLM-only subsets) plus the TinyLM-only subsets,
+    split by subset with the same fractions and seed.
+
+    Raises:
+        ValueError: too few subsets of a kind for the configured fractions.
+    """
+    paired = subset_split(cfg, corpus)
+    if not corpus.tiny_only_ids:
+        return paired
+    only = split_by_subset(corpus.tiny_only_ids, cfg.translator.val_fraction, cfg.translator.test_fraction, cfg.seed)
+    return tuple(sorted(p + o) for p, o in zip(paired, only))  # type: ignore[return-value]
+
+
+def load_rows(corpus: Corpus, subset_ids: list[int]) -> dict:
+    """Rows of paired and TinyLM-only subsets together, with ``paired`` (N,) bool; a
+    TinyLM-only row's ``llm`` is zeros (a placeholder: the translator masks it)."""
+    ids_paired = [i for i in subset_ids if not is_tiny_only(i)]
+    ids_only = [i for i in subset_ids if is_tiny_only(i)]
+    paired = corpus.load(ids_paired)
+    paired["paired"] = torch.ones(paired["step"].shape[0], dtype=torch.bool)
+    if not ids_only:
+        return paired
+    only = corpus.load(ids_only, sides=("tiny",))
+    n = only["step"].shape[0]
+    only["llm"] = torch.zeros((n, *corpus.llm_shape))
+    only["paired"] = torch.zeros(n, dtype=torch.bool)
+    return {k: torch.cat([paired[k], only[k]]) for k in paired}
+
+
 def load_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[dict, dict, list[int], list[int]]:
-    """Training and validation rows and their subset ids (the test subsets stay unread)."""
-    train_ids, val_ids, _ = subset_split(cfg, corpus)
-    return corpus.load(train_ids), corpus.load(val_ids), train_ids, val_ids
+    """The translator's training and validation rows (:func:`load_rows`) and their subset
+    ids (:func:`translator_split`; the test subsets stay unread)."""
+    train_ids, val_ids, _ = translator_split(cfg, corpus)
+    return load_rows(corpus, train_ids), load_rows(corpus, val_ids), train_ids, val_ids
 
 
 def final_rows(data: dict) -> dict:
@@ -163,7 +197,8 @@ def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Co
     device = kwargs.get("device", "cpu")
     objective = function_objective(corpus, train_ids, val_ids, train_cfg, device)
     return train_translator(tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg,
-                            train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective, **kwargs)
+                            train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective,
+                            train_paired=tr.get("paired"), val_paired=va.get("paired"), **kwargs)
 
 
 # ----------------------------------------------------------------------------- held-out scoring

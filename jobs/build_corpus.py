@@ -24,9 +24,8 @@ import torch
 
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, from_dict
-from gt_ray.corpus import (Corpus, completed_subsets, corpus_ids, corpus_schema, corpus_stats, finetune_pair,
-                           finetune_tiny_only, is_tiny_only, plan_corpus, plan_subsets, shadow_examples, subset_config,
-                           write_manifest, write_shard)
+from gt_ray.corpus import Corpus, completed_subsets, corpus_ids, corpus_schema, corpus_stats, subset_config, write_manifest, write_shard
+from gt_ray.shadow import finetune_pair, finetune_tiny_only, is_tiny_only, plan_corpus, plan_subsets, shadow_examples
 from gt_ray.models import PairCard, load_card_side
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
 from jobs.prepare_pair import load_or_prepare_card

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from gt_ray.config import CorpusConfig, ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
-from gt_ray.corpus import TINY_ONLY_BASE, Corpus, completed_subsets
+from gt_ray.corpus import Corpus, completed_subsets
+from gt_ray.shadow import TINY_ONLY_BASE
 from gt_ray.models import make_pair_card
 from jobs.build_corpus import build
 from tests.conftest import TASK_NAMES, tiny_spec

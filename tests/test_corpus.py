@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from gt_ray import corpus as corpus_mod
+from gt_ray import shadow
 from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
-from gt_ray.corpus import (Corpus, CorpusDataset, ShadowSubset, completed_subsets, corpus_schema, corpus_stats,
-                           finetune_pair, plan_subsets, read_shard, rows_to_table, split_by_subset, table_to_tensors,
-                           write_manifest, write_shard)
+from gt_ray.corpus import Corpus, CorpusDataset, completed_subsets, corpus_schema, corpus_stats, read_shard, rows_to_table, split_by_subset, table_to_tensors, write_manifest, write_shard
+from gt_ray.shadow import ShadowSubset, finetune_pair, plan_subsets
 from gt_ray.models import load_card_side, make_pair_card
 from tests.conftest import TASK_NAMES, tiny_spec
 
@@ -200,8 +200,8 @@ def mixed(cfg, card, tmp_path_factory):
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
     produced = {}
     for subset in plan_subsets(cfg, 3, seed=5) + plan_subsets(cfg, 2, seed=5, kind="tiny_only"):
-        if corpus_mod.is_tiny_only(subset.subset_id):
-            rows = corpus_mod.finetune_tiny_only(tiny, subset, FT)
+        if shadow.is_tiny_only(subset.subset_id):
+            rows = shadow.finetune_tiny_only(tiny, subset, FT)
         else:
             rows = finetune_pair(tiny, llm, subset, FT)
         produced[subset.subset_id] = rows
@@ -213,7 +213,7 @@ def mixed(cfg, card, tmp_path_factory):
 def test_tiny_only_subsets_have_their_own_ids_and_stream(cfg):
     paired = plan_subsets(cfg, 4, seed=5)
     tiny_only = plan_subsets(cfg, 4, seed=5, kind="tiny_only")
-    base = corpus_mod.TINY_ONLY_BASE
+    base = shadow.TINY_ONLY_BASE
     assert [s.subset_id for s in tiny_only] == [base, base + 1, base + 2, base + 3]
     assert all(s.spec.split == "public" for s in tiny_only)
     assert {s.spec.seed for s in tiny_only}.isdisjoint({s.spec.seed for s in paired})  # other subsets
@@ -226,7 +226,7 @@ def test_tiny_only_rows_equal_the_tiny_half_of_a_pair(cfg, card):
     """The same examples, order and seed: the TinyLM update does not depend on the LLM's presence."""
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
     subset = plan_subsets(cfg, 1, seed=5, kind="tiny_only")[0]
-    only = corpus_mod.finetune_tiny_only(tiny, subset, FT)
+    only = shadow.finetune_tiny_only(tiny, subset, FT)
     pair = finetune_pair(tiny, llm, subset, FT)
     assert [r["step"] for r in only] == FT.snapshot_steps
     for a, b in zip(only, pair):
@@ -234,12 +234,12 @@ def test_tiny_only_rows_equal_the_tiny_half_of_a_pair(cfg, card):
         np.testing.assert_array_equal(a["tiny"], b["tiny"])
         assert np.abs(a["tiny"]).max() > 0
     with pytest.raises(ValueError, match="is a paired subset"):
-        corpus_mod.finetune_tiny_only(tiny, plan_subsets(cfg, 1, seed=5)[0], FT)
+        shadow.finetune_tiny_only(tiny, plan_subsets(cfg, 1, seed=5)[0], FT)
 
 
 def test_mixed_corpus_counts_and_loads_each_kind(mixed):
     out, produced, manifest = mixed
-    base = corpus_mod.TINY_ONLY_BASE
+    base = shadow.TINY_ONLY_BASE
     assert (manifest["n_subsets"], manifest["n_tiny_only_subsets"]) == (3, 2)
     assert (manifest["n_rows"], manifest["n_tiny_only_rows"]) == (3 * len(FT.snapshot_steps), 2 * len(FT.snapshot_steps))
     corpus = Corpus(out)
@@ -262,7 +262,7 @@ def test_mixed_corpus_counts_and_loads_each_kind(mixed):
 
 def test_manifest_refuses_a_shard_of_the_wrong_kind(cfg, card, mixed, tmp_path):
     out, produced, _ = mixed
-    base = corpus_mod.TINY_ONLY_BASE
+    base = shadow.TINY_ONLY_BASE
     for i in (0, 1, 2):
         write_shard(tmp_path, i, produced[i], corpus_schema(card))
     write_shard(tmp_path, base, produced[0], corpus_schema(card))  # paired rows under a TinyLM-only id

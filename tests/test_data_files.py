@@ -11,8 +11,8 @@ import torch
 
 from gt_ray import tasks
 from gt_ray.config import ExperimentConfig, FinetuneConfig, LoraSpec, PairConfig, TaskConfig
-from gt_ray.corpus import (Corpus, corpus_schema, finetune_pair, plan_subsets, shadow_examples, subset_config,
-                           write_manifest, write_shard)
+from gt_ray.corpus import Corpus, corpus_schema, subset_config, write_manifest, write_shard
+from gt_ray.shadow import finetune_pair, plan_subsets, shadow_examples
 from gt_ray.models import build_char_tokenizer, load_card_side, make_pair_card, recipe_of
 from gt_ray.org.data import card_data_format, load_org_examples
 from gt_ray.org.finetune import finetune_org

@@ -19,7 +19,8 @@ import torch
 
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
-from gt_ray.corpus import Corpus, completed_subsets, corpus_schema, finetune_pair, plan_subsets, write_manifest, write_shard
+from gt_ray.corpus import Corpus, completed_subsets, corpus_schema, write_manifest, write_shard
+from gt_ray.shadow import finetune_pair, plan_subsets
 from gt_ray.models import PairCard, load_card_side, make_pair_card
 from tests.conftest import TASK_NAMES, tiny_spec
 

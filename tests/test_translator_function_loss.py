@@ -146,3 +146,47 @@ def test_selecting_epochs_on_validation_accuracy(llm):
     assert all(h["val_loss"] == pytest.approx(1 - h["val_accuracy"] + 1e-4 * h["val_nll"]) for h in history)
     with pytest.raises(ValueError, match="select_on must be nll or accuracy"):
         TrainConfig(select_on="mse")
+
+
+def test_tiny_only_rows_train_the_function_loss_and_never_the_mse_term(llm):
+    """Rows without an LLM vector (TinyLM-only shadow subsets) reach the translator through
+    the answer loss only: whatever stands in their ``y`` changes nothing, while the same
+    rows marked paired do change the result (through the MSE term and the normalizer)."""
+    from gt_ray.translator.config import TrainConfig, TranslatorConfig
+    from gt_ray.translator.train import train_translator
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.arange(6).repeat_interleave(2)  # 6 subsets x 2 snapshots; 4 train, 2 validation
+    secrets = [0, 3, 6, 0, 3, 6]
+    x = torch.randn(12, 2, 8, generator=g) + torch.tensor(secrets).repeat_interleave(2)[:, None, None].float()
+    y = torch.randn(12, *llm.layout.shape, generator=g) * 0.01
+    examples = {i: _examples(secrets[i], 12, i) for i in range(6)}
+    objective = FunctionObjective(BatchedLora(llm, 8.0), SubsetExamples(llm.tokenizer, {i: examples[i] for i in range(4)}),
+                                  SubsetExamples(llm.tokenizer, {i: examples[i] for i in (4, 5)}), per_subset=4)
+    cfg = TrainConfig(lr=3e-3, batch_size=4, max_epochs=3, patience=3, objective="function", mse_weight=1.0)
+    model_cfg = TranslatorConfig(d_tiny=8, L_tiny=2, d_llm=llm.layout.d_layer, L_llm=llm.layout.n_layers, d_model=16,
+                                 num_layers=1, num_heads=2, d_ff=32, dropout=0.0, decoder="parallel")
+    paired = torch.tensor([True] * 4 + [False] * 4)  # subsets 2 and 3 are TinyLM-only
+    val_paired = torch.tensor([True, True, False, False])
+    garbage = y.clone()
+    garbage[4:8] = 100.0  # a placeholder no real update looks like
+    garbage[10:] = -50.0
+
+    def run(y_train, y_val, train_paired, vp):
+        t, hist = train_translator(x[:8], y_train, x[8:], y_val, cfg, model_cfg, train_subsets=ids[:8],
+                                   val_subsets=ids[8:], function=objective, train_paired=train_paired, val_paired=vp)
+        return t.translate(x[8:]), hist
+
+    zeros = y.clone()
+    zeros[4:8] = 0.0
+    zeros[10:] = 0.0
+    a, hist_a = run(zeros[:8], zeros[8:], paired, val_paired)
+    b, hist_b = run(garbage[:8], garbage[8:], paired, val_paired)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["train_loss"] for h in hist_a] == [h["train_loss"] for h in hist_b]
+    assert all(torch.isfinite(torch.tensor(h["val_tf_loss"])) for h in hist_a)  # on the paired validation rows
+    c, _ = run(garbage[:8], garbage[8:], torch.ones(8, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="TinyLM-only rows \\(no LLM vector\\) train only with the function objective"):
+        train_translator(x[:8], zeros[:8], x[8:], zeros[8:], TrainConfig(max_epochs=1), model_cfg, train_subsets=ids[:8],
+                         train_paired=paired)

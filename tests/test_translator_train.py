@@ -95,7 +95,7 @@ def test_sampled_snapshots_take_one_row_per_subset_each_epoch():
     seen: list[list[int]] = []
 
     def record(loader):
-        seen.append([int(s) for _, _, s in loader.dataset])
+        seen.append([int(s) for _, _, s, *_ in loader.dataset])
         return loader
 
     cfg = TrainConfig(lr=1e-3, batch_size=2, max_epochs=3, patience=3, sample_snapshots=True)

@@ -67,8 +67,10 @@ def train_epoch(
 
     Args:
         model: GradTransformer or DDP(GradTransformer), put in train mode here.
-        loader: yields (x, y) or (x, y, subset_id) batches, (B, L_tiny, d_tiny) and
-            (B, L_llm, d_llm) normalized, (B,) long.
+        loader: yields (x, y), (x, y, subset_id) or (x, y, subset_id, paired) batches,
+            (B, L_tiny, d_tiny) and (B, L_llm, d_llm) normalized, (B,) long, (B,) float: 1
+            where the row's LLM vector is real, 0 for a TinyLM-only row (its ``y`` is a
+            placeholder that only the MSE term would read, so it is masked there).
         optimizer: the optimizer.
         scheduler: stepped once per optimizer step, if given.
         grad_clip: max global grad norm, or None.
@@ -89,7 +91,7 @@ def train_epoch(
         else:
             pred = model(x, None, rest[0].to(device))  # (B, L_llm, d_llm), decoded as at inference
             raw = function.denormalize(pred)
-            loss = function.loss(raw, rest[0].tolist()) + function.mse_weight * F.mse_loss(pred, y)
+            loss = function.loss(raw, rest[0].tolist()) + function.mse_weight * _masked_mse(pred, y, rest[1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -100,6 +102,16 @@ def train_epoch(
         total += loss.item() * x.shape[0]
         count += x.shape[0]
     return total / max(count, 1)
+
+
+def _masked_mse(pred: torch.Tensor, y: torch.Tensor, paired: list[torch.Tensor]) -> torch.Tensor:
+    """MSE over the rows whose LLM vector is real (all rows when no mask is given); 0 for a
+    batch of TinyLM-only rows."""
+    if not paired:
+        return F.mse_loss(pred, y)
+    w = paired[0].to(pred.device, pred.dtype)  # (B,)
+    per_row = (pred - y).pow(2).flatten(1).mean(1)  # (B,)
+    return (per_row * w).sum() / w.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -229,6 +241,8 @@ def train_translator(
     train_subsets: torch.Tensor | None = None,
     val_subsets: torch.Tensor | None = None,
     function: Any = None,
+    train_paired: torch.Tensor | None = None,
+    val_paired: torch.Tensor | None = None,
 ) -> tuple[Translator, list[dict[str, float]]]:
     """Trains a translator with early stopping on a validation loss; returns the best weights.
 
@@ -257,6 +271,12 @@ def train_translator(
         val_subsets: (M,) subset id of each validation row (needed with ``function``).
         function: a `gt_ray.translator.function_loss.FunctionObjective` holding the frozen LLM and the
             subsets' examples; required by ``cfg.objective == "function"``.
+        train_paired: (N,) bool, False for rows of TinyLM-only subsets (their ``train_y``
+            is a placeholder): the function loss trains on them, the MSE term, the
+            normalizer's LLM statistics and a retrieval head's bank use paired rows only.
+            Default: every row paired.
+        val_paired: (M,) bool, the same for validation rows (validation MSE on paired rows;
+            answer scores on every validation subset).
 
     Returns:
         (translator in eval mode on `device`, history): one dict per epoch with epoch,
@@ -264,8 +284,9 @@ def train_translator(
         lr, seconds.
 
     Raises:
-        ValueError: on inconsistent shapes or non-finite values, or the function
-            objective without ``function`` / subset ids.
+        ValueError: on inconsistent shapes or non-finite values, the function objective
+            without ``function`` / subset ids, or TinyLM-only rows without the function
+            objective.
     """
     model_config = model_config or TranslatorConfig()
     if not model_config.has_layouts:
@@ -282,12 +303,18 @@ def train_translator(
         raise ValueError("scoring on validation answer NLL needs val_subsets")
     if train_subsets.shape[0] != train_x.shape[0] or (val_subsets is not None and val_subsets.shape[0] != val_x.shape[0]):
         raise ValueError("train_subsets / val_subsets need one id per row")
+    train_paired = torch.ones(train_x.shape[0], dtype=torch.bool) if train_paired is None else train_paired.bool()
+    val_paired = torch.ones(val_x.shape[0], dtype=torch.bool) if val_paired is None else val_paired.bool()
+    if train_paired.shape[0] != train_x.shape[0] or val_paired.shape[0] != val_x.shape[0]:
+        raise ValueError("train_paired / val_paired need one flag per row")
+    if cfg.objective != "function" and not (bool(train_paired.all()) and bool(val_paired.all())):
+        raise ValueError("TinyLM-only rows (no LLM vector) train only with the function objective")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
-        normalizer = Normalizer.fit(train_x, train_y, model_config.normalization, model_config.norm_eps)
-        last_row = {int(s): i for i, s in enumerate(train_subsets.tolist())}  # each subset's last snapshot
+        normalizer = Normalizer.fit(train_x, train_y[train_paired], model_config.normalization, model_config.norm_eps)
+        last_row = {int(s): i for i, s in enumerate(train_subsets.tolist()) if train_paired[i]}  # last paired snapshot
         if model_config.head == "retrieval":
             model_config = dataclasses.replace(model_config, bank_size=len(last_row))
         core = GradTransformer(model_config)
@@ -300,9 +327,10 @@ def train_translator(
         device = next(core.parameters()).device
         normalizer = normalizer.to(device)
         train_set = TensorDataset(normalizer.normalize_x(train_x.float().to(device)).cpu(),
-                                  normalizer.normalize_y(train_y.float().to(device)).cpu(), train_subsets.long())
+                                  normalizer.normalize_y(train_y.float().to(device)).cpu(), train_subsets.long(),
+                                  train_paired.float())
         val_xn = normalizer.normalize_x(val_x.float().to(device)).cpu()
-        val_set = TensorDataset(val_xn, normalizer.normalize_y(val_y.float().to(device)).cpu())
+        val_set = TensorDataset(val_xn[val_paired], normalizer.normalize_y(val_y[val_paired].float().to(device)).cpu())
         generator = torch.Generator().manual_seed(cfg.seed)
         rows_of: dict[int, list[int]] = {}
         for i, sid in enumerate(train_subsets.tolist()):
@@ -332,8 +360,10 @@ def train_translator(
             if cfg.sample_snapshots and epoch > 0:
                 train_loader = epoch_loader()
             train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.grad_clip, fn_loss)
-            val_tf = evaluate_mse(model, val_loader, autoregressive=False)
-            val_ar = evaluate_mse(model, val_loader, autoregressive=True) if cfg.val_autoregressive else math.nan
+            has_val_pairs = len(val_set) > 0  # validation MSE needs LLM vectors
+            val_tf = evaluate_mse(model, val_loader, autoregressive=False) if has_val_pairs else math.nan
+            val_ar = (evaluate_mse(model, val_loader, autoregressive=True)
+                      if cfg.val_autoregressive and has_val_pairs else math.nan)
             val_nll = val_acc = math.nan
             if function is not None:
                 scores = evaluate_answer_scores(model, val_nll_x, val_ids, normalizer, function)

@@ -1,0 +1,58 @@
+"""What the translator jobs share (gt_ray/pipeline.py): the split over both kinds of shadow
+subsets and the rows the translator trains on."""
+
+import pytest
+import torch
+
+from gt_ray import shadow
+from gt_ray.config import ExperimentConfig, FinetuneConfig, PairConfig, TaskConfig
+from gt_ray.corpus import Corpus, corpus_schema, write_manifest, write_shard
+from gt_ray.shadow import finetune_pair, finetune_tiny_only, plan_subsets
+from gt_ray.models import load_card_side, make_pair_card
+from gt_ray.pipeline import load_rows, load_split, subset_split, translator_split
+from tests.conftest import TASK_NAMES, tiny_spec
+
+FT = FinetuneConfig(lr=3e-3, steps=4, batch_size=8, n_examples=16, snapshot_steps=[3, 4])
+
+
+@pytest.fixture(scope="module")
+def world(tiny_path, gqa_path, tmp_path_factory):
+    """10 paired and 10 TinyLM-only subsets."""
+    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96))
+    cfg = ExperimentConfig(pair=pair, tasks=TaskConfig(names=TASK_NAMES), finetune=FT)
+    card = make_pair_card(cfg.pair, tiny_path, gqa_path)
+    out = tmp_path_factory.mktemp("mixed")
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    for s in plan_subsets(cfg, 10, seed=2):
+        write_shard(out, s.subset_id, finetune_pair(tiny, llm, s, FT), corpus_schema(card))
+    for s in plan_subsets(cfg, 10, seed=2, kind="tiny_only"):
+        write_shard(out, s.subset_id, finetune_tiny_only(tiny, s, FT), corpus_schema(card))
+    write_manifest(out, card, {}, 10, n_tiny_only=10)
+    return cfg, Corpus(out)
+
+
+def test_the_paired_split_is_unchanged_and_tiny_only_subsets_split_alike(world):
+    cfg, corpus = world
+    paired = subset_split(cfg, corpus)
+    train, val, test = translator_split(cfg, corpus)
+    base = shadow.TINY_ONLY_BASE
+    assert all(i < base for side in paired for i in side)  # baselines and the held-out table: paired only
+    for mine, theirs in zip((train, val, test), paired):
+        assert [i for i in mine if i < base] == theirs
+    only = [[i for i in side if i >= base] for side in (train, val, test)]
+    assert sorted(i for side in only for i in side) == corpus.tiny_only_ids  # each on exactly one side
+    assert [len(side) for side in only] == [len(side) for side in paired]  # the same fractions
+
+
+def test_rows_of_both_kinds_carry_a_paired_flag(world):
+    cfg, corpus = world
+    tr, va, train_ids, val_ids = load_split(cfg, corpus)
+    steps = len(FT.snapshot_steps)
+    assert tr["tiny"].shape[0] == len(train_ids) * steps and va["tiny"].shape[0] == len(val_ids) * steps
+    only = tr["subset_id"] >= shadow.TINY_ONLY_BASE
+    assert torch.equal(tr["paired"], ~only) and only.any() and (~only).any()
+    assert float(tr["llm"][only].abs().max()) == 0.0  # a placeholder, masked in training
+    assert float(tr["llm"][~only].abs().min(dim=0).values.max()) > 0
+    assert float(tr["tiny"][only].abs().max()) > 0  # the TinyLM update is real
+    again = load_rows(corpus, [i for i in train_ids if i < shadow.TINY_ONLY_BASE])
+    assert bool(again["paired"].all())
