@@ -355,8 +355,14 @@ class TranslatorSection:
     best_config: str | None = None
     """YAML written by ``gt-ray translator tune``; its model/train values override these.
     Default: ``{work_dir}/translator_best.yaml`` when that file exists."""
+    seeds: list[int] | None = None
+    """Training seeds: one checkpoint each, every organization scored with each and the
+    mean reported (no seed is ever picked on test). The first is the one the service
+    serves. ``None``: one checkpoint with ``train.seed``."""
 
     def __post_init__(self) -> None:
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"translator.seeds must be a non-empty list of distinct seeds, got {self.seeds}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:

@@ -44,9 +44,17 @@ N_TEST = 200
 # ----------------------------------------------------------------------------- locations
 
 
-def translator_dir(cfg: ExperimentConfig) -> str | Path:
-    """``{work_dir}/translator``: a ``Path`` for a local ``work_dir``, else the URI."""
-    location = storage.join(storage.absolute(cfg.work_dir), TRANSLATOR_DIR)
+def translator_seeds(cfg: ExperimentConfig) -> list[int]:
+    """The translator's training seeds (``translator.seeds``, else ``translator.train.seed``);
+    the first is the served one."""
+    return list(cfg.translator.seeds) if cfg.translator.seeds else [cfg.translator.train.seed]
+
+
+def translator_dir(cfg: ExperimentConfig, seed: int | None = None) -> str | Path:
+    """``{work_dir}/translator`` for the first (served) seed, ``{work_dir}/translator-seed{S}``
+    for another: a ``Path`` for a local ``work_dir``, else the URI."""
+    name = TRANSLATOR_DIR if seed is None or seed == translator_seeds(cfg)[0] else f"{TRANSLATOR_DIR}-seed{seed}"
+    location = storage.join(storage.absolute(cfg.work_dir), name)
     return location if storage.is_uri(location) else Path(location)
 
 
@@ -64,7 +72,8 @@ def best_config_location(cfg: ExperimentConfig) -> str:
 
 
 def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device = "cpu"):
-    """The finished corpus and the trained translator checkpoint, checked against each other.
+    """The finished corpus and the trained (first-seed, served) translator checkpoint,
+    checked against each other.
 
     Returns:
         (Corpus, Translator in eval mode).
@@ -75,6 +84,19 @@ def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device
     """
     corpus = Corpus(cfg.corpus_dir)
     return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints, device=device)
+
+
+def load_translators(cfg: ExperimentConfig, corpus: Corpus, device: str | torch.device = "cpu") -> dict:
+    """Every training seed's checkpoint (:func:`translator_seeds`), in seed order.
+
+    Returns:
+        {seed: Translator in eval mode}.
+
+    Raises:
+        ValueError: a missing checkpoint (run `gt-ray translator train`) or one for other layouts.
+    """
+    return {s: load_translator(translator_dir(cfg, s), expected_fingerprints=corpus.fingerprints, device=device)
+            for s in translator_seeds(cfg)}
 
 
 def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:

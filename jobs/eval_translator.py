@@ -22,8 +22,8 @@ import torch
 
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.pipeline import N_TEST, fit_baselines, held_out, load_corpus_and_translator, score_predictions
-from jobs.common import UserError, kv, work_location, write_json
+from gt_ray.pipeline import N_TEST, fit_baselines, held_out, load_corpus_and_translator, load_translators, score_predictions
+from jobs.common import UserError, kv, provenance, work_location, write_json
 
 EVAL_FILE = "translator_eval.json"
 
@@ -31,14 +31,16 @@ EVAL_FILE = "translator_eval.json"
 def evaluate(cfg: ExperimentConfig) -> dict:
     torch.set_num_threads(cfg.eval.num_threads)
     try:
-        corpus, translator = load_corpus_and_translator(cfg)
+        corpus, _ = load_corpus_and_translator(cfg)
+        translators = load_translators(cfg, corpus)
         tr, va_final, tests, llm, scale, test_ids, seen = held_out(cfg, corpus)
     except ValueError as e:
         raise UserError(str(e)) from None
     methods = fit_baselines(tr, {"mean": MeanUpdate(), "ridge": RidgeMap(), "nn1": NearestNeighbour(k=1),
                                  "nn3": NearestNeighbour(k=3)})
     preds = {name: m.predict(va_final["tiny"]) for name, m in methods.items()}
-    preds["grad_transformer"] = translator.translate(va_final["tiny"])
+    for seed, translator in translators.items():  # one row per training seed; "grad_transformer" is their mean
+        preds[f"grad_transformer_seed{seed}"] = translator.translate(va_final["tiny"])
     preds["true"] = va_final["llm"]
     preds["base"] = torch.zeros_like(va_final["llm"])
     t0 = time.time()
@@ -48,6 +50,10 @@ def evaluate(cfg: ExperimentConfig) -> dict:
            seconds=round(time.time() - t0, 1))
 
     rows = score_predictions(preds, va_final, tests, llm, scale, on_subset=progress)
+    per_seed = [rows[f"grad_transformer_seed{s}"] for s in translators]
+    rows["grad_transformer"] = {k: [sum(v) / len(v) for v in zip(*(r[k] for r in per_seed))] for k in ("nll", "accuracy")}
+    rows["grad_transformer"]["vector"] = [{key: sum(v[key] for v in vs) / len(vs) for key in vs[0]}
+                                          for vs in zip(*(r["vector"] for r in per_seed))]
     table = {}
     for name, r in rows.items():
         entry = {"nll": _mean(r["nll"]), "accuracy": _mean(r["accuracy"])}
@@ -63,7 +69,9 @@ def evaluate(cfg: ExperimentConfig) -> dict:
     out = {"n_test_subsets": len(test_ids), "n_train_subsets": len(set(tr["subset_id"].tolist())),
            "n_test_per_subset": N_TEST, "methods": table, "groups": groups, "seen": seen,
            "per_subset": {name: {"nll": r["nll"], "accuracy": r["accuracy"]} for name, r in rows.items()},
-           "test_subsets": test_ids}
+           "test_subsets": test_ids, "translator_seeds": list(translators),
+           "translator_seed_accuracy": {str(s): _mean(rows[f"grad_transformer_seed{s}"]["accuracy"]) for s in translators},
+           "provenance": provenance(cfg)}
     write_json(work_location(cfg, EVAL_FILE), out)
     print(format_table(out))
     return out
@@ -81,6 +89,10 @@ def format_table(out: dict) -> str:
     g = out["groups"]
     lines.append("accuracy by group (seen / new combination): " + ", ".join(
         f"{name} {g['seen'][name]:.3f} / {g['unseen'][name]:.3f}" for name in order))
+    by_seed = out.get("translator_seed_accuracy", {})
+    if len(by_seed) > 1:
+        lines.append("grad_transformer accuracy per training seed (the row above is their mean): " + ", ".join(
+            f"seed {s} {a:.3f}" for s, a in by_seed.items()))
     return "\n".join(lines)
 
 

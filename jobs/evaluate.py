@@ -38,7 +38,7 @@ from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
 from gt_ray.models import load_card_side
-from gt_ray.pipeline import fit_baselines, load_corpus_and_translator, subset_split
+from gt_ray.pipeline import fit_baselines, load_corpus_and_translator, load_translators, subset_split
 from gt_ray.stats import LEVEL, paired_bootstrap, per_task_accuracy, task_weight_totals
 from jobs.common import UserError, base_parser, kv, load_config, provenance, work_location, write_json
 
@@ -65,18 +65,23 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 
 
 def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
-    """Run the evaluation for every seed; ``translate`` defaults to the local checkpoint
-    (the demo passes the Serve endpoint instead, so the service is in the loop)."""
+    """Run the evaluation for every seed, scoring each organization with every translator
+    training seed (``translator.seeds``; the reported translator row is their mean).
+    ``translate`` replaces the first (served) seed's local checkpoint: the demo passes the
+    Serve endpoint, so the service is in the loop."""
     if cfg.tasks.data_files:
         raise UserError("gt-ray eval simulates organizations on the generated tasks only, and tasks.data_files is set: "
                         "an organization scores a round's adapter on its own test file with `gt-ray org evaluate`")
     torch.set_num_threads(cfg.eval.num_threads)
     try:
-        corpus, translator = load_corpus_and_translator(cfg)
-        train_ids, _, _ = subset_split(cfg, corpus)  # the translator's training subsets, nothing else
+        corpus, _ = load_corpus_and_translator(cfg)
+        translators = load_translators(cfg, corpus)
+        train_ids, _, _ = subset_split(cfg, corpus)  # the paired training subsets: what baselines may use
     except ValueError as e:
         raise UserError(str(e)) from None
-    translate = translate or translator.translate
+    translates = {s: t.translate for s, t in translators.items()}
+    if translate is not None:
+        translates[next(iter(translates))] = translate
     card = corpus.card()  # from the manifest: works for a corpus at a URI too
     tiny, llm = load_card_side(card, "tiny", cfg.pair.tiny.dtype), load_card_side(card, "llm", cfg.pair.llm.dtype)
     shadow = corpus.load(train_ids)
@@ -90,7 +95,7 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     per_seed = {}
     t0 = time.time()
     for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, public_updates, probe,
+        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translates, baselines, shared_vocab, t0, public_updates, probe,
                                   org_specs(cfg, seed, [specs[i] for i in train_ids]))
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
@@ -148,7 +153,10 @@ def org_methods(cfg: ExperimentConfig, shared_vocab: bool) -> list[str]:
     return [m for m in ORG_METHODS if (shared_vocab or m != "proxy_tuning") and (not m.startswith("kd_") or m in kd)]
 
 
-def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, public_updates, probe, specs) -> dict:
+def run_seed(cfg, seed, tiny, llm, translates, baselines, shared_vocab, t0, public_updates, probe, specs) -> dict:
+    """One evaluation seed's organizations; ``translates`` maps translator training seed ->
+    translate function (every organization is scored with each; the row is their mean)."""
+    translate = next(iter(translates.values()))  # the served seed: the multi-organization rows
     per_org: dict[str, list[Scores]] = {m: [] for m in org_methods(cfg, shared_vocab)}
     cost: dict[str, list[float]] = {m: [] for m in per_org if m == "grad_transformer" or m.startswith("kd_")}
     prompts, max_new = kd_prompts(cfg, seed, tiny.tokenizer)
@@ -166,10 +174,13 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, publi
         per_org["llm_base"].append(score_update(llm, torch.zeros(llm.layout.shape), test))
         llm_vec = finetune(llm, train, cfg.finetune, seed=spec.seed).final.update
         per_org["llm_ft"].append(score_model(llm.model, llm.tokenizer, test))
-        start = time.perf_counter()
-        generated = translate(tiny_vec.unsqueeze(0))[0]
-        cost["grad_transformer"].append(time.perf_counter() - start)
-        per_org["grad_transformer"].append(score_update(llm, generated, test))
+        by_seed = {}
+        for t_seed, fn in translates.items():
+            start = time.perf_counter()
+            generated = fn(tiny_vec.unsqueeze(0))[0]
+            cost["grad_transformer"].append(time.perf_counter() - start)
+            by_seed[t_seed] = score_update(llm, generated, test)
+        per_org["grad_transformer"].append(mean_scores(list(by_seed.values())))
         for name, b in baselines.items():
             per_org[name].append(score_update(llm, b.predict(tiny_vec.unsqueeze(0))[0], test))
         for mode in (m[3:] for m in per_org if m.startswith("kd_")):
@@ -183,8 +194,11 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, publi
         accuracy = {m: per_org[m][-1].accuracy for m in per_org}
         if seen:  # the paper's setting: the provider holds public data of this very distribution
             accuracy["public_ft"] = score_update(llm, public_updates[spec.combination()], test).accuracy
-        orgs.append({"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture, "seen": seen,
-                     "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k, "accuracy": accuracy})
+        record = {"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture, "seen": seen,
+                  "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k, "accuracy": accuracy}
+        if len(by_seed) > 1:
+            record["accuracy_by_translator_seed"] = {"grad_transformer": {str(s): v.accuracy for s, v in by_seed.items()}}
+        orgs.append(record)
         kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
            llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
            seconds=round(time.time() - t0, 1))
@@ -195,6 +209,11 @@ def run_seed(cfg, seed, tiny, llm, translate, baselines, shared_vocab, t0, publi
              "llm_base": score_update(llm, torch.zeros(llm.layout.shape), union)}
     return {"summary": summarize(per_org), "orgs": orgs, "multi": {k: v.to_dict() for k, v in multi.items()},
             "provider_seconds": {m: statistics.fmean(v) for m, v in cost.items()}}
+
+
+def mean_scores(scores: list[Scores]) -> Scores:
+    """The mean of several scorings of one organization's test set (one per translator seed)."""
+    return Scores(statistics.fmean(s.accuracy for s in scores), statistics.fmean(s.nll for s in scores), scores[0].n)
 
 
 def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:

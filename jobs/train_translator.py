@@ -22,7 +22,7 @@ import torch
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, config_hash, from_dict
 from gt_ray.corpus import Corpus
-from gt_ray.pipeline import fit, load_split, resolve_settings, translator_dir
+from gt_ray.pipeline import fit, load_split, resolve_settings, translator_dir, translator_seeds
 from gt_ray.translator.checkpoint import read_metadata, save_translator
 from gt_ray.translator.config import TrainConfig, TranslatorConfig
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
@@ -66,18 +66,28 @@ def translator_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- driver
 
 def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False) -> Path:
-    """Train (or reuse) the translator checkpoint for the current corpus and settings."""
+    """Train (or reuse) one translator checkpoint per training seed (``translator.seeds``)
+    for the current corpus and settings; returns the first (served) seed's directory."""
     try:
         corpus = Corpus(cfg.corpus_dir)
         model_cfg, train_cfg, extra = resolve_settings(cfg, corpus)
     except ValueError as e:
         raise UserError(str(e)) from None
+    seeds = translator_seeds(cfg)
+    for seed in seeds:
+        train_seed(cfg, corpus, model_cfg, dataclasses.replace(train_cfg, seed=seed), extra, address, force)
+    return translator_dir(cfg, seeds[0])
+
+
+def train_seed(cfg: ExperimentConfig, corpus: Corpus, model_cfg, train_cfg, extra: dict, address: str | None,
+               force: bool) -> Path:
+    """Train (or reuse) the checkpoint of one training seed (``train_cfg.seed``)."""
     key = config_hash({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "val_fraction": cfg.translator.val_fraction,
                        "test_fraction": cfg.translator.test_fraction,
                        "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
-    out = translator_dir(cfg)
+    out = translator_dir(cfg, train_cfg.seed)
     if not force and (read_metadata(out) or {}).get("key") == key:
-        kv(stage="translator", status="cached", path=out)
+        kv(stage="translator", status="cached", train_seed=train_cfg.seed, path=out)
         return out
     init_ray(address)  # before any ray import: it fixes the local cluster's environment
     from ray.train import RunConfig, ScalingConfig
@@ -95,8 +105,8 @@ def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False
     )
     trainer.fit()
     meta = read_metadata(out)
-    kv(stage="translator", status="trained", seconds=round(time.time() - t0, 1), best_epoch=meta.get("best_epoch"),
-       best_val_loss=meta.get("best_val_loss"), path=out)
+    kv(stage="translator", status="trained", train_seed=train_cfg.seed, seconds=round(time.time() - t0, 1),
+       best_epoch=meta.get("best_epoch"), best_val_loss=meta.get("best_val_loss"), path=out)
     return out
 
 

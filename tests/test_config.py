@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from gt_ray.config import (CollabConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
+from gt_ray.config import (CollabConfig, CorpusConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
+                           TranslatorSection,
                            from_dict, load_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,9 @@ def test_missing_pair_is_refused():
     (lambda: CollabConfig(sizes=[0, 2]), "sizes must be strictly increasing integers >= 1"),
     (lambda: CollabConfig(n_examples=0), "n_examples must be > 0"),
     (lambda: CollabConfig(trim_fraction=0.5), r"trim_fraction must be in \[0, 0.5\)"),
+    (lambda: TranslatorSection(seeds=[0, 0]), "translator.seeds must be a non-empty list of distinct seeds"),
+    (lambda: TranslatorSection(seeds=[]), "translator.seeds must be a non-empty list of distinct seeds"),
+    (lambda: CorpusConfig(n_tiny_only=-1), "n_tiny_only must be >= 0"),
 ])
 def test_bad_values_raise(make, message):
     with pytest.raises(ValueError, match=message):

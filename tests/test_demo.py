@@ -47,6 +47,19 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
     assert load_norm_bound(work / "translator") is not None  # the service's input-norm bound travels with it
     assert (work / "translator" / NORM_BOUND_FILE).is_file()
     assert held["groups"]["seen"]["n_subsets"] + held["groups"]["unseen"]["n_subsets"] == len(test)
+    # TinyLM-only shadow subsets train the translator beside the paired ones
+    manifest = json.loads((work / "corpus" / "manifest.json").read_text())
+    assert (manifest["n_subsets"], manifest["n_tiny_only_subsets"]) == (6, 6)
+    assert any(i >= 100_000 for i in train) and any(i < 100_000 for i in train)
+    # two translator training seeds: a checkpoint each, every organization scored with both
+    assert held["translator_seeds"] == [0, 1] and set(held["translator_seed_accuracy"]) == {"0", "1"}
+    assert (work / "translator-seed1" / "translator.json").is_file()
+    for org in (o for s in results["per_seed"].values() for o in s["orgs"]):
+        by_seed = org["accuracy_by_translator_seed"]["grad_transformer"]
+        assert set(by_seed) == {"0", "1"}
+        assert org["accuracy"]["grad_transformer"] == pytest.approx(sum(by_seed.values()) / 2)
+    assert results["org_report"]["groups"]["all"]["translator_seed_spread"]["grad_transformer"]["n_seeds"] == 2
+    assert results["provenance"]["git_commit"] and results["provenance"]["config"]["translator"]["seeds"] == [0, 1]
     counts = results["counts"]
     assert counts["n"] == len(results["seeds"]) * results["n_orgs"]
     assert sum(g["n_orgs"] for g in results["groups"].values()) == counts["n"]
