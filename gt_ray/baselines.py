@@ -1,7 +1,6 @@
 """Baseline translators of a TinyLM update into an LLM update.
 
-The baselines a learned translator must beat (DESIGN.md section 7, TINY_WORLD.md
-"Lessons"): the mean shadow update, a ridge map and nearest-neighbour retrieval. All
+The baselines a learned translator must beat (docs/method.md): the mean shadow update, a ridge map and nearest-neighbour retrieval. All
 share one interface: ``fit(X, Y, subset_ids=None) -> self`` on shadow-corpus pairs
 ``X (N, L_tiny, d_tiny)`` / ``Y (N, L_llm, d_llm)``, ``predict(X) -> (B, L_llm, d_llm)``,
 and ``to_state()`` / ``from_state()`` (tensors + a JSON-able dict) for

@@ -4,7 +4,7 @@ The metrics compare a predicted and a true update vector by cosine similarity an
 relative L2 error, overall and per layer, on the raw LoRA coordinates and in weight
 space. Raw coordinates over-reward the mean update and punish LoRA's symmetry
 (``B M, M^-1 A`` is the same adapter); weight space, ``delta W = scale * (B A - B0 A0)``
-per module, is what the model sees. Task metrics remain the judge (TINY_WORLD.md).
+per module, is what the model sees. Task metrics remain the judge (docs/method.md).
 """
 
 from __future__ import annotations
