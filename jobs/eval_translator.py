@@ -52,8 +52,9 @@ def evaluate(cfg: ExperimentConfig) -> dict:
     rows = score_predictions(preds, va_final, tests, llm, scale, on_subset=progress)
     per_seed = [rows[f"grad_transformer_seed{s}"] for s in translators]
     rows["grad_transformer"] = {k: [sum(v) / len(v) for v in zip(*(r[k] for r in per_seed))] for k in ("nll", "accuracy")}
-    rows["grad_transformer"]["vector"] = [{key: sum(v[key] for v in vs) / len(vs) for key in vs[0]}
-                                          for vs in zip(*(r["vector"] for r in per_seed))]
+    rows["grad_transformer"]["vector"] = [  # the mean of each scalar metric over seeds
+        {key: sum(v[key] for v in vs) / len(vs) for key in vs[0] if isinstance(vs[0][key], (int, float))}
+        for vs in zip(*(r["vector"] for r in per_seed))]
     table = {}
     for name, r in rows.items():
         entry = {"nll": _mean(r["nll"]), "accuracy": _mean(r["accuracy"])}

@@ -1,0 +1,189 @@
+"""The scaling curve of TinyLM-only shadow subsets: does shadow signal without LLM fine-tunes help?
+
+    .venv/bin/python benchmarks/scaling_tiny_only.py [--config configs/tiny.yaml] [--points 0 250 500 1000]
+        [--seeds 0 1] [--epochs 60] [--patience 15] [--n-test 100]
+
+Needs a built corpus (``gt-ray corpus build``) with at least ``max(points)`` TinyLM-only
+training subsets (``corpus.n_tiny_only``). The protocol is the pipeline's
+(`gt_ray.pipeline.translator_split`): paired and TinyLM-only subsets are each split into
+train / validation / test by subset; every point trains on all paired training subsets plus
+the first ``n`` TinyLM-only training subsets, chooses epochs on the *same* validation
+subsets (paired and TinyLM-only: the function objective needs no LLM update), and is scored
+on the *same* test subsets: the paired ones (where the true LLM update gives the ceiling)
+and the TinyLM-only ones (more subsets, tighter intervals). Nearest-neighbour retrieval can
+only use paired subsets, so it is the same at every point. "new": a test subset whose
+combination no paired training subset has (retrieval's reach).
+
+Costs: a TinyLM-only and a paired fine-tune of one subset are timed here (one thread), so
+each point's provider compute is corpus CPU-seconds (paired training subsets x pair cost +
+``n`` x TinyLM cost) plus training seconds. Prints a table and writes JSON (default
+``benchmarks/results/scaling_tiny_only.json``), with the git commit and config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gt_ray import tasks  # noqa: E402
+from gt_ray.baselines import NearestNeighbour  # noqa: E402
+from gt_ray.corpus import Corpus  # noqa: E402
+from gt_ray.evaluate import score_update  # noqa: E402
+from gt_ray.models import load_card_side  # noqa: E402
+from gt_ray.pipeline import final_rows, function_objective, load_rows, resolve_settings, translator_split  # noqa: E402
+from gt_ray.shadow import finetune_pair, finetune_tiny_only, is_tiny_only, plan_subsets  # noqa: E402
+from gt_ray.stats import paired_bootstrap  # noqa: E402
+from gt_ray.translator.train import train_translator  # noqa: E402
+from jobs.common import load_config, provenance  # noqa: E402
+
+
+def fine_tune_costs(cfg, card, reps: int = 3) -> dict:
+    """Seconds per shadow subset of each kind on one thread (mean of ``reps`` fresh subsets)."""
+    tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
+    subsets = plan_subsets(cfg, reps, seed=987_654, kind="tiny_only")
+    t0 = time.perf_counter()
+    for s in subsets:
+        finetune_tiny_only(tiny, s, cfg.finetune, cfg.tasks)
+    t_tiny = (time.perf_counter() - t0) / reps
+    paired = plan_subsets(cfg, reps, seed=987_654)
+    t0 = time.perf_counter()
+    for s in paired:
+        finetune_pair(tiny, llm, s, cfg.finetune, cfg.tasks)
+    t_pair = (time.perf_counter() - t0) / reps
+    return {"tiny_only_seconds_per_subset": round(t_tiny, 3), "paired_seconds_per_subset": round(t_pair, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--points", type=int, nargs="+", default=[0, 250, 500, 1000])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the config's)")
+    p.add_argument("--n-test", type=int, default=100, help="test examples per test subset")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/scaling_tiny_only.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    corpus = Corpus(cfg.corpus_dir)
+    card = corpus.card()
+    model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
+    if args.epochs:
+        train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
+    if args.patience:
+        train_cfg = dataclasses.replace(train_cfg, patience=args.patience)
+    train_ids, val_ids, test_ids = translator_split(cfg, corpus)
+    paired_train = [i for i in train_ids if not is_tiny_only(i)]
+    only_train = [i for i in train_ids if is_tiny_only(i)]
+    if max(args.points) > len(only_train):
+        raise SystemExit(f"error: the corpus has {len(only_train)} TinyLM-only training subsets, fewer than "
+                         f"{max(args.points)}: raise corpus.n_tiny_only and rebuild")
+    costs = fine_tune_costs(cfg, card)
+    print(f"fine-tune cost per subset: {costs}", flush=True)
+
+    # what every point shares: validation rows, test subsets and examples, the LLM, retrieval
+    va = load_rows(corpus, val_ids)
+    te = final_rows(load_rows(corpus, test_ids))
+    specs = corpus.subset_specs()
+    world = corpus.task_config()
+    tests = [tasks.dataset_examples(dataclasses.replace(specs[s], split="private_test"), world, n=args.n_test)
+             for s in te["subset_id"].tolist()]
+    paired_combos = {specs[i].combination() for i in paired_train}
+    new = [specs[s].combination() not in paired_combos for s in te["subset_id"].tolist()]
+    has_true = te["paired"].tolist()
+    llm = load_card_side(card, "llm")
+    shadow = load_rows(corpus, paired_train)
+    nn = NearestNeighbour(k=1).fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
+    fixed = {"nearest_neighbour": nn.predict(te["tiny"]), "base": torch.zeros_like(te["llm"])}
+    scores = {name: [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)] for name, pred in fixed.items()}
+    scores["true"] = [score_update(llm, u, t).accuracy if ok else float("nan") for u, t, ok in zip(te["llm"], tests, has_true)]
+
+    points = []
+    for n in args.points:
+        ids = paired_train + only_train[:n]
+        tr = load_rows(corpus, ids)
+        objective = function_objective(corpus, ids, val_ids, train_cfg)
+        runs = []
+        for seed in args.seeds:
+            t0 = time.time()
+            translator, hist = train_translator(
+                tr["tiny"], tr["llm"], va["tiny"], va["llm"], dataclasses.replace(train_cfg, seed=seed), model_cfg,
+                train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective,
+                train_paired=tr["paired"], val_paired=va["paired"])
+            seconds = time.time() - t0
+            pred = translator.translate(te["tiny"])
+            acc = [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)]
+            best = next((h for h in hist if h["epoch"] == translator.metadata.get("best_epoch")), {})
+            runs.append({"seed": seed, "train_seconds": round(seconds, 1), "epochs": len(hist),
+                         "best_epoch": translator.metadata.get("best_epoch"), "val_accuracy": best.get("val_accuracy"),
+                         "accuracy": acc})
+            print(f"n_tiny_only={n} seed={seed} test_accuracy={statistics.fmean(acc):.3f} "
+                  f"val_accuracy={best.get('val_accuracy')} best_epoch={translator.metadata.get('best_epoch')} "
+                  f"train_seconds={seconds:.0f}", flush=True)
+        mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
+        points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
+    out = {"config": args.config, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
+           "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
+           "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids), "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
+           "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
+           "n_test_examples": args.n_test, "fine_tune_costs": costs,
+           "baselines": {name: group_means(v, new, has_true) for name, v in scores.items()},
+           "points": points, "provenance": provenance(cfg)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    print(format_table(out))
+
+
+def group_means(acc: list[float], new: list[bool], has_true: list[bool]) -> dict:
+    """Mean accuracy over all test subsets, the new ones, the seen ones, and the paired ones."""
+    def m(flags):
+        xs = [a for a, f in zip(acc, flags) if f and a == a]
+        return statistics.fmean(xs) if xs else float("nan")
+    return {"all": m([True] * len(acc)), "new": m(new), "seen": m([not x for x in new]), "paired": m(has_true)}
+
+
+def summarize_point(n, n_paired, runs, mean_acc, scores, new, has_true, costs) -> dict:
+    nn = scores["nearest_neighbour"]
+    per_seed = [group_means(r["accuracy"], new, has_true) for r in runs]
+    entry = {"n_tiny_only": n, "accuracy": group_means(mean_acc, new, has_true),
+             "accuracy_per_seed": per_seed,
+             "minus_nn": {g: paired_bootstrap([a for a, f in zip(mean_acc, flags) if f], [b for b, f in zip(nn, flags) if f])
+                          for g, flags in (("all", [True] * len(nn)), ("new", new))},
+             "train_seconds": [r["train_seconds"] for r in runs], "best_epoch": [r["best_epoch"] for r in runs],
+             "val_accuracy": [r["val_accuracy"] for r in runs],
+             "corpus_cpu_seconds": round(n_paired * costs["paired_seconds_per_subset"]
+                                         + n * costs["tiny_only_seconds_per_subset"], 1)}
+    entry["provider_cpu_seconds"] = round(entry["corpus_cpu_seconds"] + statistics.fmean(entry["train_seconds"]), 1)
+    return entry
+
+
+def format_table(out: dict) -> str:
+    n = out["n_test"]
+    lines = [f"{n['paired'] + n['tiny_only']} test subsets ({n['paired']} paired, {n['tiny_only']} TinyLM-only; "
+             f"{n['new']} new combinations), {out['n_paired_train']} paired training subsets, seeds {out['seeds']}",
+             "| TinyLM-only subsets | test accuracy (mean over seeds) | per seed | new | minus NN, all [95%] | "
+             "minus NN, new [95%] | corpus CPU s | train s |", "|---|---|---|---|---|---|---|---|"]
+    for p in out["points"]:
+        a, d = p["accuracy"], p["minus_nn"]
+        seeds = " / ".join(f"{s['all']:.3f}" for s in p["accuracy_per_seed"])
+        iv = lambda x: f"{x['mean_diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"  # noqa: E731
+        lines.append(f"| {p['n_tiny_only']} | {a['all']:.3f} | {seeds} | {a['new']:.3f} | {iv(d['all'])} | {iv(d['new'])} | "
+                     f"{p['corpus_cpu_seconds']:.0f} | {statistics.fmean(p['train_seconds']):.0f} |")
+    b = out["baselines"]
+    lines.append(f"nearest neighbour: {b['nearest_neighbour']['all']:.3f} (new {b['nearest_neighbour']['new']:.3f}); "
+                 f"true LLM update on the paired test subsets: {b['true']['paired']:.3f}; LLM base {b['base']['all']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
