@@ -111,6 +111,64 @@ def provenance(cfg: ExperimentConfig) -> dict[str, Any]:
             "config": dataclasses.asdict(cfg)}
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of this process and every descendant (a local Ray
+    cluster's raylet and workers are descendants of the driver), sampled once a second in
+    a thread so that processes which end between two readings still count (up to the last
+    second). ``core_utilization = cpu_seconds / (wall_seconds x cores)``.
+
+    Use as ``with CpuMeter() as m: ...`` then ``m.result()``.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import threading
+
+        self.interval = interval
+        self.seen: dict[int, float] = {}  # pid -> latest CPU seconds read
+        self.start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = max(self.seen.get(p.pid, 0.0), t.user + t.system)
+            except psutil.Error:  # ended while we looked
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def __enter__(self) -> "CpuMeter":
+        import time
+
+        self._read()
+        self.start = dict(self.seen)
+        self.t0 = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        self.wall = time.time() - self.t0
+
+    def result(self) -> dict[str, float]:
+        """``wall_seconds``, ``cpu_seconds`` and ``core_utilization`` of the block."""
+        cpu = sum(v - self.start.get(pid, 0.0) for pid, v in self.seen.items())
+        cores = os.cpu_count() or 1
+        return {"wall_seconds": round(self.wall, 1), "cpu_seconds": round(cpu, 1),
+                "core_utilization": round(cpu / max(self.wall * cores, 1e-9), 2)}
+
+
 def local_ray_env() -> dict[str, str]:
     """Environment for the embedded local cluster: loopback only, no auth, no usage stats.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from gt_ray.pipeline import BEST_CONFIG_FILE, translator_dir, translator_dir_from
 from gt_ray.translator.checkpoint import load_history
 from jobs import build_corpus, eval_translator, evaluate, prepare_pair, service_round, train_translator, tune_translator
-from jobs.common import base_parser, init_ray, kv, load_config, provenance, work_dir
+from jobs.common import CpuMeter, base_parser, init_ray, kv, load_config, provenance, work_dir
 
 
 def main(argv=None) -> None:
@@ -33,12 +33,16 @@ def main(argv=None) -> None:
     t0 = time.time()
     times = {}
 
+    usage = {}
+
     def stage(name: str, fn, *a, **kw):
-        s = time.time()
         kv(stage="demo", step=name, status="start")
-        out = fn(*a, **kw)
-        times[name] = round(time.time() - s, 1)
-        kv(stage="demo", step=name, status="done", seconds=times[name])
+        with CpuMeter() as meter:
+            out = fn(*a, **kw)
+        usage[name] = meter.result()
+        times[name] = usage[name]["wall_seconds"]
+        kv(stage="demo", step=name, status="done", seconds=times[name], cpu_seconds=usage[name]["cpu_seconds"],
+           core_utilization=usage[name]["core_utilization"])
         return out
 
     card = stage("pair", prepare_pair.load_or_prepare_card, cfg)
@@ -58,6 +62,7 @@ def main(argv=None) -> None:
         results = stage("eval", evaluate.evaluate, cfg, translate)
     results["service_round"] = round_info
     results["stage_seconds"] = times
+    results["stage_usage"] = usage  # wall and CPU seconds (driver + Ray workers), core utilization
     results["total_seconds"] = round(time.time() - t0, 1)
     results["provenance"] = provenance(cfg)
     (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
