@@ -1,8 +1,10 @@
 """Task data: the built-in generated task world, real data from local files, batching.
 
-The generated world (after ``shared/TINY_WORLD.md``): five string and arithmetic tasks,
-each with a parameter ``k`` in 0..9. Pretraining prompts show ``k`` (``C3:abcde=``);
-fine-tuning prompts hide it (``C?:abcde=``). A dataset (a shadow subset or an
+The generated world (``docs/world.md``): string and digit tasks, each with a parameter ``k``
+in 0..9 and a 10-character answer in which every character depends on ``k``, so k = 0..9 are
+ten different maps. Pretraining prompts show ``k`` (``R3:abcdefghij=``); fine-tuning prompts
+hide it (``R?:abcdefghij=``). The default world (``configs/tiny.yaml``) uses caesar, rotate,
+index and delete. A dataset (a shadow subset or an
 organization's private data) has one secret ``k`` and a Dirichlet mixture over tasks, so
 a LoRA update has to learn the secret, and the translator has to carry it over.
 
@@ -53,9 +55,11 @@ PRIVATE_SPLITS = ("private_train", "private_test")
 
 PAD = "<pad>"
 EOS = ";"
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 """Bump when generated data changes, so cached pretrained models are rebuilt.
-2: ``add`` takes 3-digit inputs (900 of them; 2-digit ones left only 59 public inputs)."""
+2: ``add`` takes 3-digit inputs (900 of them; 2-digit ones left only 59 public inputs).
+3: every task answers with 10 characters that all depend on k, and k = 0..9 are distinct
+maps (``docs/world.md``)."""
 MIN_WEIGHT = 0.1
 """A task with at least this mixture weight is part of a dataset's combination."""
 DATA_TASK = "data"
@@ -92,34 +96,62 @@ class Task:
     solve: Callable[[str, int], str]
 
 
-def _letters(n: int) -> Callable[[random.Random], str]:
-    return lambda rng: "".join(rng.choice(LETTERS) for _ in range(n))
+ANSWER_LENGTH = 10
+"""Every generated task answers with this many characters (plus EOS), each depending on k:
+a model that executes a task with per-character accuracy p gets about p**10 exact."""
+CAESAR_LETTERS = LETTERS[:N_PARAMS]
+"""Caesar shifts within the first 10 letters, so shifts 0..9 are 10 distinct maps."""
+
+
+def _string(alphabet: str, n: int) -> Callable[[random.Random], str]:
+    return lambda rng: "".join(rng.choice(alphabet) for _ in range(n))
 
 
 def _caesar(s: str, k: int) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + k) % len(LETTERS)] for c in s)
+    return "".join(CAESAR_LETTERS[(CAESAR_LETTERS.index(c) + k) % len(CAESAR_LETTERS)] for c in s)
+
+
+def _add(s: str, k: int) -> str:
+    return "".join(str((int(c) + k) % 10) for c in s)
 
 
 def _rotate(s: str, k: int) -> str:
-    k %= len(s)
+    if not 0 <= k < len(s):
+        raise ValueError(f"rotate: k={k} out of range for an input of {len(s)} characters")
     return s[k:] + s[:k]
 
 
+def _index(s: str, k: int) -> str:
+    if not 0 <= k <= len(s) - ANSWER_LENGTH:
+        raise ValueError(f"index: k={k} out of range for an input of {len(s)} characters")
+    return s[k : k + ANSWER_LENGTH]
+
+
 def _delete(s: str, k: int) -> str:
-    k %= len(s)
+    if not 0 <= k < len(s):
+        raise ValueError(f"delete: k={k} out of range for an input of {len(s)} characters")
     return s[:k] + s[k + 1 :]
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("caesar", "C", _letters(5), _caesar),
-        Task("rotate", "R", _letters(7), _rotate),
-        Task("index", "I", _letters(10), lambda s, k: s[k]),
-        Task("add", "A", lambda rng: str(rng.randrange(100, 1000)), lambda s, k: str(int(s) + k)),
-        Task("delete", "D", _letters(7), _delete),
+        # each of the 10 output characters is an input character shifted by k (within a..j)
+        Task("caesar", "C", _string(CAESAR_LETTERS, ANSWER_LENGTH), _caesar),
+        # the input rotated left by k: output character j is input character (j + k) mod 10
+        Task("rotate", "R", _string(LETTERS, ANSWER_LENGTH), _rotate),
+        # the 10 characters from index k of a 19-character input
+        Task("index", "I", _string(LETTERS, ANSWER_LENGTH + N_PARAMS - 1), _index),
+        # k added to every digit, mod 10 (no carry)
+        Task("add", "A", _string(DIGITS, ANSWER_LENGTH), _add),
+        # the character at index k deleted from an 11-character input
+        Task("delete", "D", _string(LETTERS, ANSWER_LENGTH + 1), _delete),
     ]
 }
+"""The generated tasks. For every task, k = 0..9 are 10 different maps: two values of k give
+different answers on every input (caesar, add), on all but periodic inputs (rotate,
+index), or on 15 of 16 inputs (delete: deleting either of two equal neighbours is one
+answer), so a dataset's secret is what it behaves as (:func:`gt_ray.world.distinct_share`)."""
 
 VOCAB: list[str] = [PAD] + list(LETTERS) + list(DIGITS) + [t.marker for t in TASKS.values()] + list(":=?;")
 """The character vocabulary of the generated world (index 0 is padding)."""

@@ -11,17 +11,45 @@ from gt_ray.models import build_char_tokenizer, load_model
 
 
 def test_solvers():
-    assert tasks.TASKS["caesar"].solve("abcpo", 3) == "defcb"
-    assert tasks.TASKS["rotate"].solve("abcdefg", 9) == "cdefgab"
-    assert tasks.TASKS["index"].solve("abcdefghij", 4) == "e"
-    assert tasks.TASKS["add"].solve("95", 7) == "102"
-    assert tasks.TASKS["delete"].solve("abcdefg", 8) == "acdefg"
+    assert tasks.TASKS["caesar"].solve("abcjihgfed", 3) == "defcbajihg"
+    assert tasks.TASKS["rotate"].solve("abcdefghij", 9) == "jabcdefghi"
+    assert tasks.TASKS["index"].solve("abcdefghijklmnopabc", 4) == "efghijklmn"
+    assert tasks.TASKS["add"].solve("0123456789", 7) == "7890123456"
+    assert tasks.TASKS["delete"].solve("abcdefghijk", 8) == "abcdefghjk"
+    with pytest.raises(ValueError, match="rotate: k=10 out of range for an input of 10 characters"):
+        tasks.TASKS["rotate"].solve("abcdefghij", 10)
+
+
+def test_every_answer_has_ten_characters_and_every_k_its_own_behaviour():
+    """k = 0..9 are 10 different maps: no k acts like another (as ``k mod 7`` once did), so
+    two datasets with different combinations behave differently."""
+    rng = random.Random(0)
+    for task in tasks.TASKS.values():
+        inputs = [tasks.sample_input(task, "public", rng) for _ in range(100)]
+        behaviours = set()
+        for k in range(tasks.N_PARAMS):
+            answers = tuple(task.solve(x, k) for x in inputs)
+            assert all(len(a) == tasks.ANSWER_LENGTH for a in answers)
+            behaviours.add(answers)
+        assert len(behaviours) == tasks.N_PARAMS, task.name
+
+
+def test_combination_agrees_with_behaviour():
+    """Equal combinations give the same answers on the same inputs; different ones differ."""
+    mix = {"rotate": 0.5, "add": 0.4, "index": 0.1}
+    a = tasks.DatasetSpec("public", 0, mix, 200, 3, secrets={"rotate": 2, "add": 5, "index": 0})
+    same = tasks.DatasetSpec("public", 0, mix, 200, 3, secrets={"rotate": 2, "add": 5, "index": 0})
+    other = tasks.DatasetSpec("public", 0, mix, 200, 3, secrets={"rotate": 2, "add": 6, "index": 0})
+    assert a.combination() == same.combination() != other.combination()
+    assert tasks.generate_dataset(a) == tasks.generate_dataset(same)
+    differ = [x.answer != y.answer for x, y in zip(tasks.generate_dataset(a), tasks.generate_dataset(other))]
+    assert sum(differ) == sum(ex.task == "add" for ex in tasks.generate_dataset(a)) > 0
 
 
 def test_example_format():
-    ex = tasks.make_example(tasks.TASKS["caesar"], "abcde", 3, show_k=True)
-    assert (ex.prompt, ex.answer) == ("C3:abcde=", "defgh;")
-    assert tasks.make_example(tasks.TASKS["caesar"], "abcde", 3, show_k=False).prompt == "C?:abcde="
+    ex = tasks.make_example(tasks.TASKS["caesar"], "abcdefghij", 3, show_k=True)
+    assert (ex.prompt, ex.answer) == ("C3:abcdefghij=", "defghijabc;")
+    assert tasks.make_example(tasks.TASKS["caesar"], "abcdefghij", 3, show_k=False).prompt == "C?:abcdefghij="
 
 
 def test_splits_are_disjoint_and_deterministic():
@@ -60,25 +88,24 @@ def test_secret_per_task_gives_each_task_its_own_secret_and_a_combination():
     spec = tasks.DatasetSpec("public", 0, {"add": 0.5, "index": 0.5}, 60, 3, secrets={"add": 4, "index": 7})
     for ex in tasks.generate_dataset(spec):
         x = ex.prompt[3:-1]
-        assert ex.answer == (f"{int(x) + 4};" if ex.task == "add" else f"{x[7]};")
+        assert ex.answer == (tasks.TASKS["add"].solve(x, 4) if ex.task == "add" else x[7:17]) + ";"
     assert spec.combination() == {("add", 4), ("index", 7)}
     one = tasks.DatasetSpec("public", 5, {"add": 0.95, "index": 0.05}, 1, 1)
     assert one.combination() == {("add", 5)} and one.secret("index") == 5
 
 
-def test_add_inputs_are_three_digits_so_every_pool_has_many():
+def test_every_pool_of_every_task_has_many_inputs():
     rng = random.Random(0)
-    pools = {split: {tasks.sample_input(tasks.TASKS["add"], split, rng) for _ in range(2000)} for split in tasks.SPLITS}
-    assert all(100 <= int(x) <= 999 for p in pools.values() for x in p)
-    assert min(len(p) for p in pools.values()) > 100
+    for task in tasks.TASKS.values():
+        pools = {split: {tasks.sample_input(task, split, rng) for _ in range(500)} for split in tasks.SPLITS}
+        assert min(len(p) for p in pools.values()) > 490, task.name
 
 
 def test_hidden_k_examples_share_one_secret():
     spec = tasks.DatasetSpec("public", 6, {"add": 1.0}, 30, 2)
     for ex in tasks.generate_dataset(spec):
         assert ex.prompt.startswith("A?:")
-        a = int(ex.prompt[3:-1])
-        assert ex.answer == f"{a + 6};"
+        assert ex.answer == "".join(str((int(c) + 6) % 10) for c in ex.prompt[3:-1]) + ";"
 
 
 def test_load_examples_jsonl_and_parquet(tmp_path):
@@ -130,6 +157,8 @@ def test_exact_match_from_teacher_forcing_equals_greedy_decoding(tiny_path):
     with torch.no_grad():  # make the random model confident so some answers come out right
         for p in model.parameters():
             p.mul_(3.0)
+        head = model.get_output_embeddings().weight  # (V, d)
+        head[tok.eos_token_id] = 1.05 * head[tok.convert_tokens_to_ids("c")]  # EOS where "c" was likely: answers end
     exs = []
     for ex in tasks.generate_dataset(tasks.DatasetSpec("public", 2, {"index": 1.0}, 40, 3), show_k=True):
         ids = tok(ex.prompt, add_special_tokens=False).input_ids
