@@ -23,6 +23,9 @@ def _data(seed: int, n: int = 64, split: str = "public"):
 def pair(tiny_path, lora):
     """A teacher that learnt something (its update) and a fresh student of the same vocabulary."""
     teacher = load_with_lora(tiny_path, lora, seed=7)
+    with torch.no_grad():  # a random model rarely ends a 10-character answer: make EOS likely
+        head = teacher.model.get_output_embeddings().weight  # (V, d)
+        head[teacher.tokenizer.eos_token_id] = sum(head[teacher.tokenizer.convert_tokens_to_ids(c)] for c in "ceg")
     update = finetune(teacher, _data(1), CFG, seed=0).final.update
     return teacher, update, load_with_lora(tiny_path, lora, seed=8)
 
@@ -73,7 +76,8 @@ def test_distillation_moves_the_student_towards_the_teacher(pair):
         v = res.final.update
         assert v.shape == student.layout.shape and torch.isfinite(v).all() and v.abs().sum() > 0
         after = score_model(student.model, student.tokenizer, held_out)
-        assert after.nll < before.nll - 0.1, (mode, before, after)
+        # 0.02 nats per answer token: answers are 10+ characters in world v3 (the mean moves less)
+        assert after.nll < before.nll - 0.02, (mode, before, after)
 
 
 def test_bad_distillation_settings_are_refused(pair):

@@ -76,7 +76,7 @@ def test_fine_tuning_learns_the_secret(tiny_path, lora):
     from gt_ray.evaluate import score_model
 
     lm = load_with_lora(tiny_path, lora, seed=7)
-    spec = tasks.DatasetSpec("public", 4, {"index": 1.0}, 64, 5)
+    spec = tasks.DatasetSpec("public", 4, {"caesar": 1.0}, 64, 5)
     test = tasks.generate_dataset(spec, n=64, split="private_test")
     before = score_model(lm.model, lm.tokenizer, test).nll
     finetune(lm, tasks.generate_dataset(spec), FinetuneConfig(lr=1e-2, steps=40, batch_size=16, n_examples=64,
