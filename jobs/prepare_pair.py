@@ -2,7 +2,7 @@
 
     gt-ray pair prepare --config configs/tiny.yaml
     gt-ray pair report  --config configs/tiny.yaml   # the README's pair table
-    gt-ray pair report  --config configs/tiny.yaml --n-probe-train 240 --n-probe-test 80 \\
+    gt-ray pair report  --config configs/tiny.yaml --n-probe-train 160 --n-probe-test 60 \\
         --pretrain-seeds 11 12                        # the world criteria on a second pretraining
 
 Pretraining runs in this process (a few CPU minutes at tiny scale) and is cached on disk
