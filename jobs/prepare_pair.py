@@ -2,6 +2,8 @@
 
     gt-ray pair prepare --config configs/tiny.yaml
     gt-ray pair report  --config configs/tiny.yaml   # the README's pair table
+    gt-ray pair report  --config configs/tiny.yaml --n-probe-train 160 --n-probe-test 60 \\
+        --pretrain-seeds 11 12                        # the world criteria on a second pretraining
 
 Pretraining runs in this process (a few CPU minutes at tiny scale) and is cached on disk
 keyed by the model's config hash, so a rerun takes seconds.
@@ -11,16 +13,19 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from gt_ray import storage, tasks
+from gt_ray import storage, tasks, world
 from gt_ray.config import ExperimentConfig
 from gt_ray.evaluate import score_model
 from gt_ray.finetune import finetune
+from gt_ray.updates import read_lora
 from gt_ray.models import (BUILD_FILE, COMPLETE_MARKER, PairCard, cached_model_dir, load_card_side, make_pair_card,
                            prepare_model, recipe_of)
 from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, work_location, write_json
@@ -84,32 +89,46 @@ def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
 
 
 def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300,
-           task_names: list[str] | None = None, n_mixtures: int = 0) -> dict:
-    """Accuracy of both models per task: k shown (pretraining ability), k hidden before
-    and after LoRA fine-tuning on a single-task dataset with a secret k (public split).
+           task_names: list[str] | None = None, n_mixtures: int = 0, n_probe_train: int = 0,
+           n_probe_test: int = 0) -> dict:
+    """Accuracy of both models per task, and the world criteria (:mod:`gt_ray.world`).
 
-    ``task_names`` defaults to the config's tasks; others show what a model could learn
-    outside the world it was pretrained on (a built TinyLM knows only the config's).
-    ``n_mixtures`` more datasets are drawn as organizations' are (the config's mixture and
-    secrets, private split, other seeds than the evaluation's): the conditioning the method
-    needs is a TinyLM clearly below the LLM after fine-tuning on these."""
+    Per task: k shown (pretraining ability), k hidden before and after LoRA fine-tuning on a
+    single-task dataset with a secret k, trained on ``private_train`` and tested on
+    ``private_test`` as an organization's data is. ``task_names`` defaults to the config's
+    tasks; others show what a model could learn outside the world it was pretrained on (a
+    built TinyLM knows only the config's). ``n_mixtures`` more datasets are drawn as
+    organizations' are (the config's mixture and secrets, private split, other seeds than the
+    evaluation's): criterion 3 wants a TinyLM clearly below the LLM after fine-tuning on these.
+    ``n_probe_train`` TinyLM fine-tunes on public mixtures (the provider's) and
+    ``n_probe_test`` on private ones (organizations') measure criterion 2: how well a probe
+    fit on the first reads each task's secret from the second.
+    """
     torch.set_num_threads(cfg.finetune.num_threads)  # 2 OpenMP threads crawl when the cores are shared
     rows = {}
     models = {side: load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm")}
     rng = random.Random(cfg.seed)
     t0 = time.time()
+    ft_seconds: dict[str, list[float]] = {"tiny": [], "llm": []}
+
+    def timed_finetune(side: str, examples, seed: int) -> None:
+        t = time.time()
+        finetune(models[side], examples, cfg.finetune, seed=seed)
+        ft_seconds[side].append(time.time() - t)
+
     for name in (task_names or cfg.tasks.names) if n_datasets > 0 else []:
         row = {}
         for side, lm in models.items():
             shown, before, after = [], [], []
             for _ in range(n_datasets):
-                spec = tasks.DatasetSpec("public", rng.randrange(tasks.N_PARAMS), {name: 1.0}, cfg.finetune.n_examples, rng.randrange(2**31))
-                test_spec = tasks.DatasetSpec("public", spec.secret_k, {name: 1.0}, n_test, spec.seed + 1)
+                spec = tasks.DatasetSpec("private_train", rng.randrange(tasks.N_PARAMS), {name: 1.0}, cfg.finetune.n_examples,
+                                         rng.randrange(2**31))
                 lm.reset()
-                shown.append(score_model(lm.model, lm.tokenizer, tasks.generate_dataset(test_spec, show_k=True)).accuracy)
-                test = tasks.generate_dataset(test_spec)
+                shown.append(score_model(lm.model, lm.tokenizer,
+                                         tasks.generate_dataset(spec, show_k=True, split="private_test", n=n_test)).accuracy)
+                test = tasks.generate_dataset(spec, split="private_test", n=n_test)
                 before.append(score_model(lm.model, lm.tokenizer, test).accuracy)
-                finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
+                timed_finetune(side, tasks.generate_dataset(spec), spec.seed)
                 after.append(score_model(lm.model, lm.tokenizer, test).accuracy)
             row[side] = {"k_shown": _mean(shown), "hidden_before": _mean(before), "hidden_after_ft": _mean(after)}
             kv(stage="report", task=name, model=side, **{k: round(v, 3) for k, v in row[side].items()})
@@ -121,28 +140,76 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
         test = tasks.generate_dataset(spec, split="private_test", n=n_test)
         acc = {}
         for side, lm in models.items():
-            finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
+            timed_finetune(side, tasks.generate_dataset(spec), spec.seed)
             acc[side] = score_model(lm.model, lm.tokenizer, test).accuracy
         mixtures.append({"mixture": {t: round(w, 3) for t, w in spec.mixture.items() if w >= tasks.MIN_WEIGHT},
                          "tiny_ft": acc["tiny"], "llm_ft": acc["llm"]})
         kv(stage="report", mixture=f"{i + 1}/{n_mixtures}", tiny_ft=round(acc["tiny"], 3), llm_ft=round(acc["llm"], 3))
+    probes = _probe_secrets(cfg, models["tiny"], n_probe_train, n_probe_test, ft_seconds["tiny"]) if n_probe_test else {}
     builds = {side: json.loads((Path(getattr(card, side).path) / BUILD_FILE).read_text())
               if (Path(getattr(card, side).path) / BUILD_FILE).is_file() else {} for side in ("tiny", "llm")}
     out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
            "models": {side: {"params": getattr(card, side).n_params, "layout": [getattr(card, side).n_layers, getattr(card, side).d_layer],
                              "built": "derived" if "derived_from" in builds[side] else "pretrained" if builds[side] else None,
                              "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss"),
+                             "pretrain_seed": getattr(cfg.pair, side).pretrain.seed if builds[side] else None,
+                             "finetune_seconds": _mean(ft_seconds[side]) if ft_seconds[side] else None,
                              **({"derived": {k: builds[side][k] for k in ("keep_layers", "heal", "kd_loss_before", "kd_loss_after")}
                                  | {"teacher_layers": builds[side]["derived_from"]["n_layers"]}}
                                 if "derived_from" in builds[side] else {})}
-                      for side in ("tiny", "llm")},
-           "report_seconds": round(time.time() - t0, 1)}
+                      for side in ("tiny", "llm")}}
+    orgs = None
     if mixtures:
         tiny_ft, llm_ft = (_mean([m[k] for m in mixtures]) for k in ("tiny_ft", "llm_ft"))
-        out["mixtures"] = {"n": len(mixtures), "tiny_ft": tiny_ft, "llm_ft": llm_ft, "gap": llm_ft - tiny_ft,
-                           "llm_ft_min": min(m["llm_ft"] for m in mixtures),
-                           "llm_ft_below_0.5": sum(m["llm_ft"] < 0.5 for m in mixtures), "rows": mixtures}
+        out["mixtures"] = orgs = {"n": len(mixtures), "tiny_ft": tiny_ft, "llm_ft": llm_ft, "gap": llm_ft - tiny_ft,
+                                  "llm_ft_min": min(m["llm_ft"] for m in mixtures),
+                                  "llm_ft_below_0.5": sum(m["llm_ft"] < 0.5 for m in mixtures), "rows": mixtures}
+    if probes:
+        out["probes"] = probes
+    if not cfg.tasks.data_files:
+        distinct = {name: world.distinct_share(name) for name in (task_names or cfg.tasks.names)}
+        out["criteria"] = world.evaluate_criteria(rows, probes.get("tasks", {}), orgs, distinct)
+    out["report_seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def _probe_secrets(cfg: ExperimentConfig, lm, n_train: int, n_test: int, ft_seconds: list[float],
+                   n_inputs: int = 32) -> dict:
+    """Criterion 2: fine-tune the TinyLM on ``n_train`` public and ``n_test`` private
+    organization-like mixtures; per task, read the secret of each private update where the
+    task weighs at least :data:`gt_ray.world.PROBE_MIN_WEIGHT` by a linear probe fit on the
+    public updates, and by the behaviour of the updated TinyLM on ``n_inputs`` public inputs."""
+    names = cfg.tasks.names
+    inputs = {name: [tasks.sample_input(tasks.TASKS[name], "public", random.Random(f"probe-inputs|{name}|{i}"))
+                     for i in range(n_inputs)] for name in names}
+    rows = {"train": [], "test": []}
+    for split, part, n in (("public", "train", n_train), ("private_train", "test", n_test)):
+        for i in range(n):
+            spec = tasks.draw_dataset_spec(random.Random(f"report-probe|{cfg.seed}|{part}|{i}"), split, names,
+                                           cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha, secret_per_task=True)
+            t = time.time()
+            finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
+            ft_seconds.append(time.time() - t)
+            update = (read_lora(lm.model, lm.layout) - lm.init).reshape(-1)  # (n_layers * d_layer,)
+            read = {name: world.behavioural_secret(lm.model, lm.tokenizer, name, inputs[name])
+                    for name in names if part == "test" and spec.mixture[name] >= world.PROBE_MIN_WEIGHT}
+            rows[part].append((spec, update, read))
+            if (i + 1) % 20 == 0 or i + 1 == n:
+                kv(stage="report", probe=part, done=f"{i + 1}/{n}")
+    per_task = {}
+    for name in names:
+        train = [(s, u) for s, u, _ in rows["train"] if s.mixture[name] >= world.PROBE_MIN_WEIGHT]
+        test = [(s, u, r) for s, u, r in rows["test"] if s.mixture[name] >= world.PROBE_MIN_WEIGHT]
+        linear, lam = float("nan"), None
+        if len(train) >= 2 and test:
+            pred, lam = world.linear_probe(torch.stack([u for _, u in train]), [s.secrets[name] for s, _ in train],
+                                           torch.stack([u for _, u, _ in test]))
+            linear = _mean([float(p == s.secrets[name]) for p, (s, _, _) in zip(pred.tolist(), test)])
+        behavioural = _mean([float(r[name] == s.secrets[name]) for s, _, r in test]) if test else float("nan")
+        per_task[name] = {"linear": linear, "behavioural": behavioural, "n_train": len(train), "n_test": len(test),
+                          "ridge_lambda": lam}
+        kv(stage="report", probe=name, linear=round(linear, 3), behavioural=round(behavioural, 3), n_test=len(test))
+    return {"n_train": n_train, "n_test": n_test, "n_inputs": n_inputs, "tasks": per_task}
 
 
 def format_report(rep: dict) -> str:
@@ -167,6 +234,10 @@ def format_report(rep: dict) -> str:
     if m:
         lines += ["", f"On {m['n']} organization-like mixtures: TinyLM ft {m['tiny_ft']:.3f}, LLM ft {m['llm_ft']:.3f} "
                       f"(gap {m['gap']:.3f}; LLM ft lowest {m['llm_ft_min']:.3f}, below 0.5 on {m['llm_ft_below_0.5']})"]
+    if "criteria" in rep:
+        seeds = {side: m.get("pretrain_seed") for side, m in rep["models"].items()}
+        lines += ["", f"World criteria (docs/world.md; pretrain seeds TinyLM {seeds['tiny']}, LLM {seeds['llm']}; "
+                      "criterion 5 compares reports of several seeds):", world.format_criteria(rep["criteria"])]
     return "\n".join(lines)
 
 
@@ -183,20 +254,46 @@ def main(argv=None) -> None:
     p.add_argument("--n-mixtures", type=int, default=10,
                    help="report: organization-like mixtures fine-tuned on both models (default 10; 0 skips)")
     p.add_argument("--n-test", type=int, default=300, help="report: test examples per dataset (default 300)")
+    p.add_argument("--n-probe-train", type=int, default=0,
+                   help="report: public TinyLM fine-tunes the secret probes are fit on (default 0)")
+    p.add_argument("--n-probe-test", type=int, default=0,
+                   help="report: private TinyLM fine-tunes the secret probes are scored on (default 0: no probes)")
+    p.add_argument("--pretrain-seeds", type=int, nargs=2, metavar=("TINY", "LLM"), default=None,
+                   help="pretrain the pair from these seeds instead of the config's (a second world for criterion 5); "
+                        "its card goes to {work_dir}/pretrain-seeds-TINY-LLM")
     p.add_argument("--out", default=None, help=f"report: JSON path (default {{work_dir}}/{REPORT_FILE})")
     args = p.parse_args(argv)
-    if args.n_datasets < 0:
-        raise UserError(f"--n-datasets must be >= 0, got {args.n_datasets}")
-    if args.n_mixtures < 0:
-        raise UserError(f"--n-mixtures must be >= 0, got {args.n_mixtures}")
+    for flag in ("n_datasets", "n_mixtures", "n_probe_train", "n_probe_test"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.n_test < 1:
         raise UserError(f"--n-test must be >= 1, got {args.n_test}")
+    if args.n_probe_test and args.n_probe_train < 2:
+        raise UserError(f"--n-probe-test needs --n-probe-train >= 2, got {args.n_probe_train}")
     cfg = load_config(args.config)
+    if args.pretrain_seeds is not None:
+        cfg = with_pretrain_seeds(cfg, *args.pretrain_seeds)
     card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
     if args.action == "report":
-        rep = report(cfg, card, n_datasets=args.n_datasets, n_test=args.n_test, task_names=args.tasks, n_mixtures=args.n_mixtures)
+        rep = report(cfg, card, n_datasets=args.n_datasets, n_test=args.n_test, task_names=args.tasks,
+                     n_mixtures=args.n_mixtures, n_probe_train=args.n_probe_train, n_probe_test=args.n_probe_test)
+        rep["command"] = " ".join(["gt-ray", "pair", *(sys.argv[1:] if argv is None else argv)])
         write_json(Path(args.out) if args.out else work_dir(cfg) / REPORT_FILE, rep)
         print(format_report(rep))
+
+
+def with_pretrain_seeds(cfg: ExperimentConfig, tiny_seed: int, llm_seed: int) -> ExperimentConfig:
+    """``cfg`` with both models pretrained from other seeds, in a work directory of their own.
+
+    Raises:
+        UserError: if a side of the pair is not pretrained by gt-ray (an ``arch`` spec).
+    """
+    for side in ("tiny", "llm"):
+        if getattr(cfg.pair, side).arch is None:
+            raise UserError(f"--pretrain-seeds: pair.{side} is not built from an arch, so it has no pretraining seed")
+    pair = replace(cfg.pair, tiny=replace(cfg.pair.tiny, pretrain=replace(cfg.pair.tiny.pretrain, seed=tiny_seed)),
+                   llm=replace(cfg.pair.llm, pretrain=replace(cfg.pair.llm.pretrain, seed=llm_seed)))
+    return replace(cfg, pair=pair, work_dir=f"{cfg.work_dir.rstrip('/')}/pretrain-seeds-{tiny_seed}-{llm_seed}")
 
 
 if __name__ == "__main__":

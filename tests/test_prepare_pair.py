@@ -68,3 +68,23 @@ def test_a_layer_the_llm_lacks_is_one_error_line(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(data))
     assert run_main(prepare_pair.main, ["prepare", "--config", str(bad)]) == 2
     assert "error: pair.tiny: keep_layers [7] out of range: the model has 3 layers (0..2)" in capsys.readouterr().err
+
+
+def test_report_probes_secrets_and_judges_the_world_criteria(tiny_path, gqa_path, lora):
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+    card = make_pair_card(PairConfig(tiny=cfg.pair.tiny, llm=cfg.pair.llm, lora=lora), tiny_path, gqa_path)
+    rep = prepare_pair.report(cfg, card, n_datasets=1, n_test=10, n_mixtures=1, n_probe_train=6, n_probe_test=3)
+    probes = rep["probes"]["tasks"]
+    assert set(probes) == set(cfg.tasks.names) and rep["probes"]["n_test"] == 3
+    assert all(p["n_test"] <= 3 and (p["n_test"] == 0 or 0 <= p["behavioural"] <= 1) for p in probes.values())
+    crit = rep["criteria"]
+    assert set(crit["tasks"]) == set(cfg.tasks.names) and "pass" in crit["orgs"]
+    assert all(row["distinct"]["pass"] for row in crit["tasks"].values())
+    assert rep["models"]["tiny"]["finetune_seconds"] > 0
+    assert "World criteria" in prepare_pair.format_report(rep)
+
+
+def test_pretrain_seeds_change_both_seeds_and_the_work_dir():
+    cfg = prepare_pair.with_pretrain_seeds(load_yaml(ROOT / "configs/ci.yaml"), 11, 12)
+    assert (cfg.pair.tiny.pretrain.seed, cfg.pair.llm.pretrain.seed) == (11, 12)
+    assert cfg.work_dir == "runs/ci/pretrain-seeds-11-12"
