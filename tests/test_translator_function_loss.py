@@ -81,21 +81,30 @@ def test_sampled_batches_stay_inside_their_subset():
         SubsetExamples(tok, {1: []})
 
 
-def test_translator_trains_on_the_answer_loss_and_selects_on_validation_nll(llm):
-    from gt_ray.translator.config import TrainConfig, TranslatorConfig
-    from gt_ray.translator.train import train_translator
+def _six_subsets(llm, seed: int):
+    """6 subsets x 2 snapshots (4 train, 2 validation) whose TinyLM vectors encode their secret,
+    their objective and a tiny translator config."""
+    from gt_ray.translator.config import TranslatorConfig
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.arange(6).repeat_interleave(2)  # 6 subsets x 2 snapshots
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(6).repeat_interleave(2)
     secrets = [0, 3, 6, 0, 3, 6]
     x = torch.randn(12, 2, 8, generator=g) + torch.tensor(secrets).repeat_interleave(2)[:, None, None].float()
     y = torch.randn(12, *llm.layout.shape, generator=g) * 0.01
     examples = {i: _examples(secrets[i], 12, i) for i in range(6)}
     objective = FunctionObjective(BatchedLora(llm, 8.0), SubsetExamples(llm.tokenizer, {i: examples[i] for i in range(4)}),
                                   SubsetExamples(llm.tokenizer, {i: examples[i] for i in (4, 5)}), per_subset=4)
-    cfg = TrainConfig(lr=3e-3, batch_size=4, max_epochs=6, patience=6, objective="function", sample_snapshots=True)
     model_cfg = TranslatorConfig(d_tiny=8, L_tiny=2, d_llm=llm.layout.d_layer, L_llm=llm.layout.n_layers, d_model=16,
                                  num_layers=1, num_heads=2, d_ff=32, dropout=0.0, decoder="parallel")
+    return ids, x, y, objective, model_cfg
+
+
+def test_translator_trains_on_the_answer_loss_and_selects_on_validation_nll(llm):
+    from gt_ray.translator.config import TrainConfig
+    from gt_ray.translator.train import train_translator
+
+    ids, x, y, objective, model_cfg = _six_subsets(llm, seed=0)
+    cfg = TrainConfig(lr=3e-3, batch_size=4, max_epochs=6, patience=6, objective="function", sample_snapshots=True)
     translator, history = train_translator(x[:8], y[:8], x[8:], y[8:], cfg, model_cfg, train_subsets=ids[:8],
                                            val_subsets=ids[8:], function=objective)
     assert translator.metadata["selected_on"] == "val_answer_nll"
@@ -125,7 +134,7 @@ def test_validation_accuracy_is_exact_match_of_each_update_on_its_subset(llm):
 
 
 def test_selecting_epochs_on_validation_accuracy(llm):
-    from gt_ray.translator.config import TrainConfig, TranslatorConfig
+    from gt_ray.translator.config import TrainConfig
     from gt_ray.translator.train import train_translator
 
     g = torch.Generator().manual_seed(0)
@@ -152,20 +161,11 @@ def test_tiny_only_rows_train_the_function_loss_and_never_the_mse_term(llm):
     """Rows without an LLM vector (TinyLM-only shadow subsets) reach the translator through
     the answer loss only: whatever stands in their ``y`` changes nothing, while the same
     rows marked paired do change the result (through the MSE term and the normalizer)."""
-    from gt_ray.translator.config import TrainConfig, TranslatorConfig
+    from gt_ray.translator.config import TrainConfig
     from gt_ray.translator.train import train_translator
 
-    g = torch.Generator().manual_seed(1)
-    ids = torch.arange(6).repeat_interleave(2)  # 6 subsets x 2 snapshots; 4 train, 2 validation
-    secrets = [0, 3, 6, 0, 3, 6]
-    x = torch.randn(12, 2, 8, generator=g) + torch.tensor(secrets).repeat_interleave(2)[:, None, None].float()
-    y = torch.randn(12, *llm.layout.shape, generator=g) * 0.01
-    examples = {i: _examples(secrets[i], 12, i) for i in range(6)}
-    objective = FunctionObjective(BatchedLora(llm, 8.0), SubsetExamples(llm.tokenizer, {i: examples[i] for i in range(4)}),
-                                  SubsetExamples(llm.tokenizer, {i: examples[i] for i in (4, 5)}), per_subset=4)
+    ids, x, y, objective, model_cfg = _six_subsets(llm, seed=1)
     cfg = TrainConfig(lr=3e-3, batch_size=4, max_epochs=3, patience=3, objective="function", mse_weight=1.0)
-    model_cfg = TranslatorConfig(d_tiny=8, L_tiny=2, d_llm=llm.layout.d_layer, L_llm=llm.layout.n_layers, d_model=16,
-                                 num_layers=1, num_heads=2, d_ff=32, dropout=0.0, decoder="parallel")
     paired = torch.tensor([True] * 4 + [False] * 4)  # subsets 2 and 3 are TinyLM-only
     val_paired = torch.tensor([True, True, False, False])
     garbage = y.clone()
