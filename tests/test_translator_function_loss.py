@@ -134,7 +134,7 @@ def test_validation_accuracy_is_exact_match_of_each_update_on_its_subset(llm):
 
 
 def test_selecting_epochs_on_validation_accuracy(llm):
-    from gt_ray.translator.config import TrainConfig
+    from gt_ray.translator.config import TrainConfig, TranslatorConfig
     from gt_ray.translator.train import train_translator
 
     g = torch.Generator().manual_seed(0)
