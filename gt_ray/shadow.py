@@ -93,9 +93,10 @@ def shadow_examples(subset: ShadowSubset, task_cfg: TaskConfig | None = None) ->
     return tasks.dataset_examples(subset.spec, task_cfg)
 
 
-def finetune_pair(tiny: LoadedModel, llm: LoadedModel, subset: ShadowSubset, ft: FinetuneConfig,
+def finetune_pair(tiny: LoadedModel, llm: LoadedModel | None, subset: ShadowSubset, ft: FinetuneConfig,
                   task_cfg: TaskConfig | None = None) -> list[dict[str, Any]]:
-    """Fine-tune both models from the card's init on one shadow subset.
+    """Fine-tune both models from the card's init on one shadow subset (the TinyLM alone
+    when ``llm`` is None: :func:`finetune_tiny_only`, whose rows have ``llm`` null).
 
     Both see the same examples in the same order (one train seed), each through its own
     tokenizer (and chat template, for data files). Returns one row per snapshot step with

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +96,6 @@ def provenance(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a results file must name to be re-checked: the git commit of the code (and
     whether the work tree had uncommitted changes), the command line and the config.
     ``git_commit`` is None where the code is not a git checkout (e.g. an installed wheel)."""
-    import dataclasses
-    import subprocess
 
     root = Path(__file__).resolve().parents[1]
 
@@ -121,8 +123,6 @@ class CpuMeter:
     """
 
     def __init__(self, interval: float = 1.0) -> None:
-        import threading
-
         self.interval = interval
         self.seen: dict[int, float] = {}  # pid -> latest CPU seconds read
         self.start: dict[int, float] = {}
@@ -145,8 +145,6 @@ class CpuMeter:
             self._read()
 
     def __enter__(self) -> "CpuMeter":
-        import time
-
         self._read()
         self.start = dict(self.seen)
         self.t0 = time.time()
@@ -154,8 +152,6 @@ class CpuMeter:
         return self
 
     def __exit__(self, *exc) -> None:
-        import time
-
         self._stop.set()
         self._thread.join()
         self._read()
