@@ -121,6 +121,30 @@ TASKS: dict[str, Task] = {
     ]
 }
 
+CANONICAL_PROBE_INPUTS = 200
+"""Inputs per task on which :func:`canonical_secret` compares two secrets' answers."""
+
+
+@lru_cache(maxsize=None)
+def _secret_classes(task: str) -> tuple[int, ...]:
+    """For each k in ``range(N_PARAMS)``, the smallest k' whose answers equal k's on
+    :data:`CANONICAL_PROBE_INPUTS` fixed inputs of ``task`` (derived from behaviour, never
+    from the task's name)."""
+    t = TASKS[task]
+    rng = random.Random(f"canonical|{task}")
+    inputs = [t.make_input(rng) for _ in range(CANONICAL_PROBE_INPUTS)]
+    answers = [tuple(t.solve(x, k) for x in inputs) for k in range(N_PARAMS)]
+    return tuple(answers.index(a) for a in answers)
+
+
+def canonical_secret(task: str, k: int) -> int:
+    """The smallest secret that behaves like ``k`` on ``task`` (``k`` itself for tasks
+    outside the generated world or secrets outside ``range(N_PARAMS)``)."""
+    if task not in TASKS or not 0 <= k < N_PARAMS:
+        return k
+    return _secret_classes(task)[k]
+
+
 VOCAB: list[str] = [PAD] + list(LETTERS) + list(DIGITS) + [t.marker for t in TASKS.values()] + list(":=?;")
 """The character vocabulary of the generated world (index 0 is padding)."""
 
@@ -173,8 +197,9 @@ class DatasetSpec:
     def combination(self, min_weight: float = MIN_WEIGHT) -> frozenset[tuple[str, int]]:
         """The (task, secret) pairs of the tasks weighing at least ``min_weight``: what a
         fine-tune on this dataset mostly learns. Two datasets with equal combinations teach
-        nearly the same thing."""
-        return frozenset((t, self.secret(t)) for t, w in self.mixture.items() if w >= min_weight)
+        nearly the same thing. Secrets that behave alike count as one
+        (:func:`canonical_secret`: rotating a 7-letter input by 8 is rotating it by 1)."""
+        return frozenset((t, canonical_secret(t, self.secret(t))) for t, w in self.mixture.items() if w >= min_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)

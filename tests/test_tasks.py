@@ -56,7 +56,8 @@ def test_secret_per_task_gives_each_task_its_own_secret_and_a_combination():
     for s in specs:
         heaviest = max(s.mixture, key=s.mixture.get)
         assert s.secret_k == s.secrets[heaviest]
-        assert s.combination() == {(t, s.secrets[t]) for t, w in s.mixture.items() if w >= tasks.MIN_WEIGHT}
+        assert s.combination() == {(t, tasks.canonical_secret(t, s.secrets[t]))
+                                   for t, w in s.mixture.items() if w >= tasks.MIN_WEIGHT}
     spec = tasks.DatasetSpec("public", 0, {"add": 0.5, "index": 0.5}, 60, 3, secrets={"add": 4, "index": 7})
     for ex in tasks.generate_dataset(spec):
         x = ex.prompt[3:-1]
@@ -64,6 +65,20 @@ def test_secret_per_task_gives_each_task_its_own_secret_and_a_combination():
     assert spec.combination() == {("add", 4), ("index", 7)}
     one = tasks.DatasetSpec("public", 5, {"add": 0.95, "index": 0.05}, 1, 1)
     assert one.combination() == {("add", 5)} and one.secret("index") == 5
+
+
+def test_secrets_that_behave_alike_are_one_combination():
+    # rotate and delete act on 7-letter inputs: k and k + 7 give the same answers on every input
+    for name in ("rotate", "delete"):
+        assert [tasks.canonical_secret(name, k) for k in range(tasks.N_PARAMS)] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+        for k in range(7, tasks.N_PARAMS):
+            a = tasks.DatasetSpec("public", 0, {name: 1.0}, 30, 5, secrets={name: k})
+            b = tasks.DatasetSpec("public", 0, {name: 1.0}, 30, 5, secrets={name: k - 7})
+            assert [e.answer for e in tasks.generate_dataset(a)] == [e.answer for e in tasks.generate_dataset(b)]
+            assert a.combination() == b.combination()
+    for name in ("caesar", "index", "add"):  # every k distinct
+        assert [tasks.canonical_secret(name, k) for k in range(tasks.N_PARAMS)] == list(range(tasks.N_PARAMS))
+    assert tasks.canonical_secret(tasks.DATA_TASK, 12) == 12
 
 
 def test_add_inputs_are_three_digits_so_every_pool_has_many():
