@@ -1,7 +1,7 @@
 """The scaling curve of TinyLM-only shadow subsets: does shadow signal without LLM fine-tunes help?
 
     .venv/bin/python benchmarks/scaling_tiny_only.py [--config configs/tiny.yaml] [--points 0 250 500 1000]
-        [--seeds 0 1] [--epochs 60] [--patience 15] [--n-test 100]
+        [--seeds 0 1] [--epochs 60] [--patience 15] [--n-test 100] [--inputs tinylm|code]
 
 Needs a built corpus (``gt-ray corpus build``) with at least ``max(points)`` TinyLM-only
 training subsets (``corpus.n_tiny_only``). The protocol is the pipeline's
@@ -13,6 +13,12 @@ on the *same* test subsets: the paired ones (where the true LLM update gives the
 and the TinyLM-only ones (more subsets, tighter intervals). Nearest-neighbour retrieval can
 only use paired subsets, so it is the same at every point. "new": a test subset whose
 combination no paired training subset has (retrieval's reach).
+
+``--inputs code`` is the diagnostic upper bound of the composing half: the same translator
+and function loss, fed an exact code of each subset's secrets and mixture (for every task,
+its mixture weight in the slot of its behaviourally canonical secret, tiled to the TinyLM
+update's size) in place of the TinyLM update. Can composition be learned at all, and how
+does it scale with subsets, when reading the secret is solved?
 
 Costs: a TinyLM-only and a paired fine-tune of one subset are timed here (one thread), so
 each point's provider compute is corpus CPU-seconds (paired training subsets x pair cost +
@@ -62,6 +68,25 @@ def fine_tune_costs(cfg, card, reps: int = 3) -> dict:
     return {"tiny_only_seconds_per_subset": round(t_tiny, 3), "paired_seconds_per_subset": round(t_pair, 3)}
 
 
+def oracle_code(specs: dict, subset_ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One row per subset id: each task's mixture weight at (task, canonical secret) in a
+    ``len(tasks) x N_PARAMS`` grid, tiled to ``shape`` (one TinyLM update's (layers, width),
+    so the translator's input layout is unchanged)."""
+    dim = 1
+    for n in shape:
+        dim *= n
+    names = sorted({t for s in specs.values() for t in s.mixture})
+    rows = []
+    for sid in subset_ids.tolist():
+        spec = specs[int(sid)]
+        grid = torch.zeros(len(names), tasks.N_PARAMS)
+        for t, w in spec.mixture.items():
+            grid[names.index(t), tasks.canonical_secret(t, spec.secret(t))] = w
+        flat = grid.flatten()
+        rows.append(flat.repeat(dim // flat.numel() + 1)[:dim].reshape(shape))
+    return torch.stack(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.yaml")
@@ -71,6 +96,8 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the config's)")
     p.add_argument("--n-test", type=int, default=100, help="test examples per test subset")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--inputs", choices=["tinylm", "code"], default="tinylm",
+                   help="what the translator reads: the TinyLM update, or the oracle code of secrets and mixture")
     p.add_argument("--out", default="benchmarks/results/scaling_tiny_only.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,6 +132,9 @@ def main() -> None:
     shadow = load_rows(corpus, paired_train)
     nn = NearestNeighbour(k=1).fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
     fixed = {"nearest_neighbour": nn.predict(te["tiny"]), "base": torch.zeros_like(te["llm"])}
+    code = (lambda rows: oracle_code(specs, rows["subset_id"], tuple(rows["tiny"].shape[1:]))) if args.inputs == "code" else None
+    if code is not None:
+        va["tiny"], te["tiny"] = code(va), code(te)
     scores = {name: [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)] for name, pred in fixed.items()}
     scores["true"] = [score_update(llm, u, t).accuracy if ok else float("nan") for u, t, ok in zip(te["llm"], tests, has_true)]
 
@@ -112,6 +142,8 @@ def main() -> None:
     for n in args.points:
         ids = paired_train + only_train[:n]
         tr = load_rows(corpus, ids)
+        if code is not None:
+            tr["tiny"] = code(tr)
         objective = function_objective(corpus, ids, val_ids, train_cfg)
         runs = []
         for seed in args.seeds:
@@ -132,7 +164,7 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-    out = {"config": args.config, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
+    out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
            "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
            "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids), "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
            "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
@@ -169,7 +201,7 @@ def summarize_point(n, n_paired, runs, mean_acc, scores, new, has_true, costs) -
 
 def format_table(out: dict) -> str:
     n = out["n_test"]
-    lines = [f"{n['paired'] + n['tiny_only']} test subsets ({n['paired']} paired, {n['tiny_only']} TinyLM-only; "
+    lines = [f"translator input: {out.get('inputs', 'tinylm')}; {n['paired'] + n['tiny_only']} test subsets ({n['paired']} paired, {n['tiny_only']} TinyLM-only; "
              f"{n['new']} new combinations), {out['n_paired_train']} paired training subsets, seeds {out['seeds']}",
              "| TinyLM-only subsets | test accuracy (mean over seeds) | per seed | new | minus NN, all [95%] | "
              "minus NN, new [95%] | corpus CPU s | train s |", "|---|---|---|---|---|---|---|---|"]
