@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scaling_tiny_only.py [--config configs/tiny.yaml] [--points 0 250 500 1000]
         [--seeds 0 1] [--epochs 60] [--patience 15] [--n-test 100] [--inputs tinylm|code]
+        [--subset-budget 22400]
 
 Needs a built corpus (``gt-ray corpus build``) with at least ``max(points)`` TinyLM-only
 training subsets (``corpus.n_tiny_only``). The protocol is the pipeline's
@@ -13,6 +14,10 @@ on the *same* test subsets: the paired ones (where the true LLM update gives the
 and the TinyLM-only ones (more subsets, tighter intervals). Nearest-neighbour retrieval can
 only use paired subsets, so it is the same at every point. "new": a test subset whose
 combination no paired training subset has (retrieval's reach).
+
+``--subset-budget B`` trains every point for the same compute: at most ``ceil(B / n)``
+epochs over its ``n`` training subsets (one snapshot of each per epoch), with the config's
+patience scaled by the same factor; without it every point gets the same epochs.
 
 ``--inputs code`` is the diagnostic upper bound of the composing half: the same translator
 and function loss, fed an exact code of each subset's secrets and mixture (for every task,
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -94,6 +100,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=None, help="max epochs (default: the config's)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (default: the config's)")
+    p.add_argument("--subset-budget", type=int, default=None,
+                   help="subset-epochs per point (equal training compute): max epochs = ceil(budget / training subsets)")
     p.add_argument("--n-test", type=int, default=100, help="test examples per test subset")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--inputs", choices=["tinylm", "code"], default="tinylm",
@@ -142,6 +150,11 @@ def main() -> None:
     for n in args.points:
         ids = paired_train + only_train[:n]
         tr = load_rows(corpus, ids)
+        point_cfg = train_cfg
+        if args.subset_budget:
+            epochs = math.ceil(args.subset_budget / len(ids))
+            point_cfg = dataclasses.replace(train_cfg, max_epochs=epochs,
+                                            patience=max(5, math.ceil(train_cfg.patience * epochs / train_cfg.max_epochs)))
         if code is not None:
             tr["tiny"] = code(tr)
         objective = function_objective(corpus, ids, val_ids, train_cfg)
@@ -149,7 +162,7 @@ def main() -> None:
         for seed in args.seeds:
             t0 = time.time()
             translator, hist = train_translator(
-                tr["tiny"], tr["llm"], va["tiny"], va["llm"], dataclasses.replace(train_cfg, seed=seed), model_cfg,
+                tr["tiny"], tr["llm"], va["tiny"], va["llm"], dataclasses.replace(point_cfg, seed=seed), model_cfg,
                 train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective,
                 train_paired=tr["paired"], val_paired=va["paired"])
             seconds = time.time() - t0
@@ -157,6 +170,7 @@ def main() -> None:
             acc = [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)]
             best = next((h for h in hist if h["epoch"] == translator.metadata.get("best_epoch")), {})
             runs.append({"seed": seed, "train_seconds": round(seconds, 1), "epochs": len(hist),
+                         "max_epochs": point_cfg.max_epochs, "patience": point_cfg.patience,
                          "best_epoch": translator.metadata.get("best_epoch"), "val_accuracy": best.get("val_accuracy"),
                          "accuracy": acc})
             print(f"n_tiny_only={n} seed={seed} test_accuracy={statistics.fmean(acc):.3f} "
@@ -164,7 +178,8 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-    out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
+    out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "subset_budget": args.subset_budget,
+           "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
            "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
            "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids), "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
            "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
@@ -192,6 +207,7 @@ def summarize_point(n, n_paired, runs, mean_acc, scores, new, has_true, costs) -
              "minus_nn": {g: paired_bootstrap([a for a, f in zip(mean_acc, flags) if f], [b for b, f in zip(nn, flags) if f])
                           for g, flags in (("all", [True] * len(nn)), ("new", new))},
              "train_seconds": [r["train_seconds"] for r in runs], "best_epoch": [r["best_epoch"] for r in runs],
+             "max_epochs": [r["max_epochs"] for r in runs], "epochs_run": [r["epochs"] for r in runs],
              "val_accuracy": [r["val_accuracy"] for r in runs],
              "corpus_cpu_seconds": round(n_paired * costs["paired_seconds_per_subset"]
                                          + n * costs["tiny_only_seconds_per_subset"], 1)}
