@@ -146,6 +146,6 @@ def test_a_corpus_at_an_explicit_storage_path_is_never_deleted(cfg, tmp_path):
     cfg = with_key(cfg, "corpus.storage_path", str(tmp_path / "shared-corpus"))
     out = _corpus_with_shards(cfg)
     new = with_key(cfg, "finetune.lr", 1e-3)
-    with pytest.raises(UserError, match=r"was built with other finetune\.lr, upstream\.pair: its shards would be reused"):
+    with pytest.raises(UserError, match=r"was built with other finetune\.lr: its shards would be reused"):
         demo.clear_stale_corpus(new, _decision(cfg, cfg, new), _Card())
     assert len(list(out.glob("shard-*"))) == 3
