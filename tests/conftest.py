@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,16 +55,42 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def _environment() -> dict[str, str]:
+    """The driver's environment as Ray workers inherit it (pytest's per-test variable aside)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    """The session's local Ray cluster: {"env": the environment it started with, "temp": its temp dir}."""
+    state = {"env": None, "temp": None}
+    yield state
+    _stop_ray(state)
+
+
+def _stop_ray(state: dict) -> None:
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(state["temp"], ignore_errors=True)
+    state.update(env=None, temp=None)
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster per test module, loopback only (see docs/cluster.md, "Local runs")."""
-    import shutil
-    import tempfile
+def ray_cluster(_shared_ray):
+    """One local Ray cluster, loopback only (see docs/cluster.md, "Local runs"), shared by every
+    module that asks for it (a start is ~5 s and 1 GB; shutdown ~1.3 s). Workers inherit the
+    driver's environment when the cluster starts, so a module that changed ``os.environ`` first
+    (tests/test_storage.py's S3 credentials) gets a fresh cluster, as does the next one."""
+    import ray
 
     from jobs.common import init_ray
 
-    temp = tempfile.mkdtemp(prefix="gtr-", dir="/tmp")  # short: Ray's unix sockets need it
-    ray = init_ray(num_cpus=2, temp_dir=temp)
+    state = _shared_ray
+    if state["env"] is not None and (state["env"] != _environment() or not ray.is_initialized()):
+        _stop_ray(state)
+    if state["env"] is None:
+        state["temp"] = tempfile.mkdtemp(prefix="gtr-", dir="/tmp")  # short: Ray's unix sockets need it
+        init_ray(num_cpus=2, temp_dir=state["temp"])
+        state["env"] = _environment()
     yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)

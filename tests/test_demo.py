@@ -1,5 +1,5 @@
 """The main job, reduced (configs/ci.yaml), end to end on a local Ray cluster; then a rerun
-that reuses every stage."""
+that reuses every stage, and one with a changed evaluation key that re-runs only the evaluation."""
 
 import json
 from pathlib import Path
@@ -71,8 +71,37 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
             (m["grad_transformer"]["accuracy"] - m["tiny_ft"]["accuracy"]) / gap)
     first = capsys.readouterr().out
     assert "stage=sweep status=done" in first
+    assert {r["status"] for r in results["stages"].values()} == {"ran"}
+    assert set(results["stages"]) == set(demo.STAGES)
+
+    # a rerun over the same work_dir: every stage cached, the same results, no service started
     demo.main(["--config", str(path)])
     second = capsys.readouterr().out
-    assert "stage=translator status=cached" in second
-    assert "stage=sweep" not in second and "pretrain" not in second
+    again = json.loads((work / "results.json").read_text())
+    for name in demo.STAGES:
+        assert f"stage=demo step={name} status=cached" in second
+    assert {r["status"] for r in again["stages"].values()} == {"cached"}
+    assert "stage=sweep" not in second and "pretrain" not in second and "stage=serve" not in second
     assert "built=" not in second  # no corpus subset was fine-tuned again
+    assert _results(again) == _results(results)
+    assert again["total_seconds"] < 60
+    assert json.loads((work / "translator_eval.json").read_text()) == held
+
+    # one changed eval key: only the evaluation re-runs (through the service), and says why
+    data = yaml.safe_load(path.read_text())
+    data["eval"]["n_test"] = 20
+    changed = path.with_name("ci-n_test.yaml")
+    changed.write_text(yaml.safe_dump(data))
+    demo.main(["--config", str(changed)])
+    third = capsys.readouterr().out
+    assert "stage=demo step=eval status=rerun changed=eval.n_test" in third
+    rerun = json.loads((work / "results.json").read_text())
+    assert {n: r["status"] for n, r in rerun["stages"].items()} == {**{n: "cached" for n in demo.STAGES}, "eval": "ran"}
+    assert rerun["n_test"] == 20 and rerun["service_round"] == results["service_round"]
+
+
+def _results(results: dict) -> str:
+    """What a run computed (not how long it took, nor where it was cached)."""
+    kept = {k: v for k, v in results.items()
+            if k not in ("stages", "stage_seconds", "stage_usage", "total_seconds", "provenance")}
+    return json.dumps(kept, sort_keys=True)  # as text: NaN == NaN
