@@ -18,6 +18,10 @@ count of organizations where the translator beats nearest neighbour and the Tiny
 reported beside it. Organizations fall into two groups: those whose combination (tasks of
 weight >= ``tasks.MIN_WEIGHT`` with their secrets) some training subset has, and those none
 has. Nothing here tunes on the test splits.
+
+Every (seed, organization) is one Ray task with one CPU and one torch thread
+(:func:`evaluate_org`); ``--serial`` runs them one after another in this process, with the
+same figures.
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None, serial: 
     RAY_ADDRESS names one); ``serial`` runs them here one after another instead (the
     reference: every organization is seeded from its own spec, so both give the same
     figures on one torch thread). What a seed shares (baselines, public updates, the probe,
-    the multi-organization rows) is computed here."""
+    the multi-organization rows) is computed here. The tasks call ``translate``: a Serve
+    endpoint must be reachable from the nodes they run on (the demo's, on 127.0.0.1, from
+    its own node only)."""
     if cfg.tasks.data_files:
         raise UserError("gt-ray eval simulates organizations on the generated tasks only, and tasks.data_files is set: "
                         "an organization scores a round's adapter on its own test file with `gt-ray org evaluate`")

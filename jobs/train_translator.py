@@ -8,7 +8,8 @@ decoded update (the LLM is loaded on the worker), checkpoint = safetensors + JSO
 fingerprints and the normalization statistics, in ``{work_dir}/translator``. The sweep's
 best config (``{work_dir}/translator_best.yaml``, from ``gt-ray translator tune``) overrides
 the config's model/train values when it exists. A rerun with an unchanged corpus and
-settings reuses the checkpoint.
+settings reuses the checkpoint. With several ``translator.seeds``, their runs start at once
+as far as the free CPUs hold them (``--serial``: one after another).
 """
 
 from __future__ import annotations
