@@ -91,7 +91,11 @@ def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False
     if todo:
         ray = init_ray(address)  # before any other ray import: it fixes the local cluster's environment
         n = 1 if serial else min(len(todo), concurrent_runs(ray, cfg))
-        run = lambda job: train_seed(cfg, corpus, model_cfg, *job, extra)  # noqa: E731
+
+        def run(job: tuple) -> Path:
+            seed_cfg, key = job
+            return train_seed(cfg, corpus, model_cfg, seed_cfg, key, extra)
+
         if n == 1:
             for job in todo:
                 run(job)
