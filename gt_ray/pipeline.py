@@ -258,10 +258,48 @@ def held_out(cfg: ExperimentConfig, corpus: Corpus, n_test: int = N_TEST):
     return tr, te_final, tests, load_card_side(card, "llm"), lora.alpha / lora.rank, test_ids, seen
 
 
+def score_subset(preds: dict, true: torch.Tensor, test: list, llm, scale: float) -> dict:
+    """One held-out test subset's row of :func:`score_predictions`.
+
+    Args:
+        preds: {method: (L_llm, d_llm) predicted update for this subset}.
+        true: (L_llm, d_llm) the subset's own LLM update.
+        test: its test examples.
+        llm: the card's LLM (a `gt_ray.models.LoadedModel`); each update is applied on
+            top of the card's init, so the result does not depend on what ``llm`` held.
+        scale: its LoRA scale alpha / r.
+
+    Returns:
+        {method: {"nll": float, "accuracy": float, "vector": vector metrics or None
+        (``true``/``base``)}}.
+    """
+    out = {}
+    for name, p in preds.items():
+        s = score_update(llm, p, test)
+        vector = vector_metrics(p, true, llm.layout, llm.init, scale) if name not in ("true", "base") else None
+        out[name] = {"nll": s.nll, "accuracy": s.accuracy, "vector": vector}
+    return out
+
+
+def collect_subset_rows(methods, subsets: list[dict]) -> dict:
+    """{method: {"nll": [...], "accuracy": [...], "vector": [...]}} from one
+    :func:`score_subset` result per subset, in subset order (``vector`` stays empty for
+    ``true``/``base``)."""
+    rows = {name: {"nll": [], "accuracy": [], "vector": []} for name in methods}
+    for subset in subsets:
+        for name, r in subset.items():
+            rows[name]["nll"].append(r["nll"])
+            rows[name]["accuracy"].append(r["accuracy"])
+            if r["vector"] is not None:
+                rows[name]["vector"].append(r["vector"])
+    return rows
+
+
 def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: float,
                       on_subset: Callable[[int, int], None] | None = None) -> dict:
     """Answer NLL / accuracy of the LLM with each predicted update on each subset's test
-    examples, and vector metrics against the true update (not for ``true``/``base``).
+    examples, and vector metrics against the true update (not for ``true``/``base``):
+    :func:`score_subset` for each subset in turn.
 
     Args:
         preds: {method: (S, L_llm, d_llm) predicted updates}, one row per test subset.
@@ -274,14 +312,9 @@ def score_predictions(preds: dict, va_final: dict, tests: list, llm, scale: floa
     Returns:
         {method: {"nll": [...], "accuracy": [...], "vector": [...]}}, one entry per subset.
     """
-    rows = {name: {"nll": [], "accuracy": [], "vector": []} for name in preds}
+    subsets = []
     for i, test in enumerate(tests):
-        for name, p in preds.items():
-            s = score_update(llm, p[i], test)
-            rows[name]["nll"].append(s.nll)
-            rows[name]["accuracy"].append(s.accuracy)
-            if name not in ("true", "base"):
-                rows[name]["vector"].append(vector_metrics(p[i], va_final["llm"][i], llm.layout, llm.init, scale))
+        subsets.append(score_subset({name: p[i] for name, p in preds.items()}, va_final["llm"][i], test, llm, scale))
         if on_subset is not None:
             on_subset(i, len(tests))
-    return rows
+    return collect_subset_rows(preds, subsets)

@@ -22,13 +22,20 @@ import torch
 
 from gt_ray.baselines import MeanUpdate, NearestNeighbour, RidgeMap
 from gt_ray.config import ExperimentConfig
-from gt_ray.pipeline import N_TEST, fit_baselines, held_out, load_corpus_and_translator, load_translators, score_predictions
-from jobs.common import UserError, kv, provenance, work_location, write_json
+from gt_ray.pipeline import (N_TEST, collect_subset_rows, fit_baselines, held_out, load_corpus_and_translator, load_translators,
+                             score_subset)
+from jobs.common import UserError, init_ray, kv, map_tasks, provenance, work_location, write_json
 
 EVAL_FILE = "translator_eval.json"
 
 
-def evaluate(cfg: ExperimentConfig) -> dict:
+def evaluate(cfg: ExperimentConfig, serial: bool = False, address: str | None = None) -> dict:
+    """Score every method on every held-out test subset and write ``translator_eval.json``.
+
+    The subsets are scored as Ray tasks, one CPU and one torch thread each
+    (:func:`jobs.common.map_tasks`; a local cluster is started unless ``address`` or
+    RAY_ADDRESS names one); ``serial`` scores them here one after another (the reference:
+    the same figures on one torch thread). The predictions are made here."""
     torch.set_num_threads(cfg.eval.num_threads)
     try:
         corpus, _ = load_corpus_and_translator(cfg)
@@ -43,13 +50,18 @@ def evaluate(cfg: ExperimentConfig) -> dict:
         preds[f"grad_transformer_seed{seed}"] = translator.translate(va_final["tiny"])
     preds["true"] = va_final["llm"]
     preds["base"] = torch.zeros_like(va_final["llm"])
-    t0 = time.time()
+    if not serial:
+        init_ray(address)
+    t0, finished = time.time(), 0
 
-    def progress(i: int, n: int) -> None:
-        kv(stage="translator_eval", subset=int(va_final["subset_id"][i]), done=f"{i + 1}/{n}",
+    def progress(i: int, _) -> None:
+        nonlocal finished
+        finished += 1
+        kv(stage="translator_eval", subset=int(va_final["subset_id"][i]), done=f"{finished}/{len(tests)}",
            seconds=round(time.time() - t0, 1))
 
-    rows = score_predictions(preds, va_final, tests, llm, scale, on_subset=progress)
+    items = [({name: p[i] for name, p in preds.items()}, va_final["llm"][i], test) for i, test in enumerate(tests)]
+    rows = collect_subset_rows(preds, map_tasks(score_one_subset, (llm, scale), items, on_result=progress, serial=serial))
     per_seed = [rows[f"grad_transformer_seed{s}"] for s in translators]
     rows["grad_transformer"] = {k: [sum(v) / len(v) for v in zip(*(r[k] for r in per_seed))] for k in ("nll", "accuracy")}
     rows["grad_transformer"]["vector"] = [  # the mean of each scalar metric over seeds
@@ -76,6 +88,12 @@ def evaluate(cfg: ExperimentConfig) -> dict:
     write_json(work_location(cfg, EVAL_FILE), out)
     print(format_table(out))
     return out
+
+
+def score_one_subset(shared: tuple, preds: dict, true: torch.Tensor, test: list) -> dict:
+    """:func:`gt_ray.pipeline.score_subset` with ``shared = (llm, scale)``: one task of :func:`evaluate`."""
+    llm, scale = shared
+    return score_subset(preds, true, test, llm, scale)
 
 
 def format_table(out: dict) -> str:

@@ -18,11 +18,17 @@ count of organizations where the translator beats nearest neighbour and the Tiny
 reported beside it. Organizations fall into two groups: those whose combination (tasks of
 weight >= ``tasks.MIN_WEIGHT`` with their secrets) some training subset has, and those none
 has. Nothing here tunes on the test splits.
+
+Every (seed, organization) is one Ray task with one CPU and one torch thread
+(:func:`evaluate_org`); ``--serial`` runs them one after another in this process, with the
+same figures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import statistics
 import time
 from typing import Callable
@@ -37,10 +43,11 @@ from gt_ray.distill import distill
 from gt_ray.evaluate import (Scores, SecretProbe, draw_org_specs, pgr, pgr_base, proxy_tuning_logits, score, score_model,
                              score_update, shares_vocabulary, summarize)
 from gt_ray.finetune import finetune
-from gt_ray.models import load_card_side
+from gt_ray.models import LoadedModel, load_card_side
 from gt_ray.pipeline import fit_baselines, load_corpus_and_translator, load_translators, subset_split
 from gt_ray.stats import LEVEL, paired_bootstrap, per_task_accuracy, task_weight_totals
-from jobs.common import UserError, base_parser, kv, load_config, provenance, work_location, write_json
+from jobs.common import (UserError, base_parser, init_ray, kv, load_config, map_tasks, provenance, work_location,
+                         write_json)
 
 RESULTS_FILE = "results.json"
 ORG_METHODS = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour", "proxy_tuning",
@@ -64,11 +71,21 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 """(B, L_tiny, d_tiny) TinyLM vectors -> (B, L_llm, d_llm) LLM vectors."""
 
 
-def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
+def evaluate(cfg: ExperimentConfig, translate: Translate | None = None, serial: bool = False,
+             address: str | None = None) -> dict:
     """Run the evaluation for every seed, scoring each organization with every translator
     training seed (``translator.seeds``; the reported translator row is their mean).
     ``translate`` replaces the first (served) seed's local checkpoint: the demo passes the
-    Serve endpoint, so the service is in the loop."""
+    Serve endpoint, so the service is in the loop.
+
+    The organizations of every seed run as Ray tasks, one CPU and one torch thread each
+    (:func:`jobs.common.map_tasks`; a local cluster is started unless ``address`` or
+    RAY_ADDRESS names one); ``serial`` runs them here one after another instead (the
+    reference: every organization is seeded from its own spec, so both give the same
+    figures on one torch thread). What a seed shares (baselines, public updates, the probe,
+    the multi-organization rows) is computed here. The tasks call ``translate``: a Serve
+    endpoint must be reachable from the nodes they run on (the demo's, on 127.0.0.1, from
+    its own node only)."""
     if cfg.tasks.data_files:
         raise UserError("gt-ray eval simulates organizations on the generated tasks only, and tasks.data_files is set: "
                         "an organization scores a round's adapter on its own test file with `gt-ray org evaluate`")
@@ -86,17 +103,31 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
     tiny, llm = load_card_side(card, "tiny", cfg.pair.tiny.dtype), load_card_side(card, "llm", cfg.pair.llm.dtype)
     shadow = corpus.load(train_ids)
     specs = corpus.subset_specs()
-    public_updates = public_updates_by_combination(shadow, specs)
     baselines = fit_baselines(shadow, {"mean_shadow": MeanUpdate(), "ridge": RidgeMap(),
                                        "nearest_neighbour": NearestNeighbour(k=1)})
-    # the premise: does a TinyLM update say what the data is about (the heaviest task's secret)?
-    probe = SecretProbe(tasks.N_PARAMS).fit(shadow["tiny"], shadow["secret_k"])
     shared_vocab = shares_vocabulary(tiny.tokenizer, llm.tokenizer)
-    per_seed = {}
+    ctx = OrgContext(cfg, tiny, llm, translates, baselines, shared_vocab, public_updates_by_combination(shadow, specs),
+                     # the premise: does a TinyLM update say what the data is about (the heaviest task's secret)?
+                     SecretProbe(tasks.N_PARAMS).fit(shadow["tiny"], shadow["secret_k"]))
+    seed_specs = {seed: org_specs(cfg, seed, [specs[i] for i in train_ids]) for seed in cfg.eval.seeds}
+    prompts = {seed: kd_prompts(cfg, seed, tiny.tokenizer) for seed in cfg.eval.seeds}
+    items = [(seed, spec, *prompts[seed]) for seed in cfg.eval.seeds for spec in seed_specs[seed]]
+    where = [(seed, j) for seed in cfg.eval.seeds for j in range(len(seed_specs[seed]))]
+    if not serial:
+        init_ray(address)
     t0 = time.time()
-    for seed in cfg.eval.seeds:
-        per_seed[seed] = run_seed(cfg, seed, tiny, llm, translates, baselines, shared_vocab, t0, public_updates, probe,
-                                  org_specs(cfg, seed, [specs[i] for i in train_ids]))
+    finished = 0
+
+    def progress(i: int, r: dict) -> None:
+        nonlocal finished
+        finished += 1
+        seed, j = where[i]
+        kv(stage="eval", seed=seed, org=f"{j + 1}/{len(seed_specs[seed])}", done=f"{finished}/{len(items)}",
+           tiny_ft=r["scores"]["tiny_ft"].accuracy, llm_ft=r["scores"]["llm_ft"].accuracy,
+           grad_transformer=r["scores"]["grad_transformer"].accuracy, seconds=round(time.time() - t0, 1))
+
+    results = map_tasks(evaluate_org, ctx, items, on_result=progress, serial=serial)
+    per_seed = {seed: seed_rows(ctx, [r for r, (s, _) in zip(results, where) if s == seed]) for seed in cfg.eval.seeds}
     out = combine(per_seed, cfg, shared_vocab)
     out["seconds"] = round(time.time() - t0, 1)
     out["provenance"] = provenance(cfg)
@@ -109,7 +140,6 @@ def evaluate(cfg: ExperimentConfig, translate: Translate | None = None) -> dict:
 def org_specs(cfg: ExperimentConfig, seed: int, train_specs: list) -> list:
     """The seed's organizations: the first ``seen_fraction`` hold the combination (mixture and
     secrets) of a training shadow subset, on private data; the rest draw a fresh one."""
-    import dataclasses
     import random
 
     specs = draw_org_specs(cfg.tasks.names, cfg.eval.n_orgs, seed, cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha,
@@ -153,67 +183,103 @@ def org_methods(cfg: ExperimentConfig, shared_vocab: bool) -> list[str]:
     return [m for m in ORG_METHODS if (shared_vocab or m != "proxy_tuning") and (not m.startswith("kd_") or m in kd)]
 
 
-def run_seed(cfg, seed, tiny, llm, translates, baselines, shared_vocab, t0, public_updates, probe, specs) -> dict:
-    """One evaluation seed's organizations; ``translates`` maps translator training seed ->
-    translate function (every organization is scored with each; the row is their mean)."""
-    translate = next(iter(translates.values()))  # the served seed: the multi-organization rows
-    per_org: dict[str, list[Scores]] = {m: [] for m in org_methods(cfg, shared_vocab)}
-    cost: dict[str, list[float]] = {m: [] for m in per_org if m == "grad_transformer" or m.startswith("kd_")}
-    prompts, max_new = kd_prompts(cfg, seed, tiny.tokenizer)
-    tiny_vecs, llm_vecs, trains, tests, orgs = [], [], [], [], []
-    for j, spec in enumerate(specs):
-        train = tasks.generate_dataset(spec)
-        test = tasks.generate_dataset(spec, split="private_test", n=cfg.eval.n_test)
-        trains.append(train)
-        tests.append(test)
-        tiny_vec = finetune(tiny, train, cfg.finetune, seed=spec.seed).final.update
-        per_org["tiny_ft"].append(score_model(tiny.model, tiny.tokenizer, test))
-        if shared_vocab:  # the TinyLM holds its fine-tuned LoRA now
-            llm.reset()
-            per_org["proxy_tuning"].append(score(proxy_tuning_logits(llm.model, tiny.model), tiny.tokenizer, test))
-        per_org["llm_base"].append(score_update(llm, torch.zeros(llm.layout.shape), test))
-        llm_vec = finetune(llm, train, cfg.finetune, seed=spec.seed).final.update
-        per_org["llm_ft"].append(score_model(llm.model, llm.tokenizer, test))
-        by_seed = {}
-        for t_seed, fn in translates.items():
-            start = time.perf_counter()
-            generated = fn(tiny_vec.unsqueeze(0))[0]
-            cost["grad_transformer"].append(time.perf_counter() - start)
-            by_seed[t_seed] = score_update(llm, generated, test)
-        per_org["grad_transformer"].append(mean_scores(list(by_seed.values())))
-        for name, b in baselines.items():
-            per_org[name].append(score_update(llm, b.predict(tiny_vec.unsqueeze(0))[0], test))
-        for mode in (m[3:] for m in per_org if m.startswith("kd_")):
-            start = time.perf_counter()
-            distill(llm, tiny, tiny_vec, prompts, cfg.finetune, spec.seed, mode, max_new)
-            cost[f"kd_{mode}"].append(time.perf_counter() - start)
-            per_org[f"kd_{mode}"].append(score_model(llm.model, llm.tokenizer, test))
-        tiny_vecs.append(tiny_vec)
-        llm_vecs.append(llm_vec)
-        seen = spec.combination() in public_updates
-        accuracy = {m: per_org[m][-1].accuracy for m in per_org}
-        if seen:  # the paper's setting: the provider holds public data of this very distribution
-            accuracy["public_ft"] = score_update(llm, public_updates[spec.combination()], test).accuracy
-        record = {"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture, "seen": seen,
-                  "probe_correct": int(probe.predict(tiny_vec[None])[0]) == spec.secret_k, "accuracy": accuracy}
-        if len(by_seed) > 1:
-            record["accuracy_by_translator_seed"] = {"grad_transformer": {str(s): v.accuracy for s, v in by_seed.items()}}
-        orgs.append(record)
-        kv(stage="eval", seed=seed, org=f"{j + 1}/{len(specs)}", tiny_ft=per_org["tiny_ft"][-1].accuracy,
-           llm_ft=per_org["llm_ft"][-1].accuracy, grad_transformer=per_org["grad_transformer"][-1].accuracy,
-           seconds=round(time.time() - t0, 1))
-    union = [ex for t in tests for ex in t]
+@dataclasses.dataclass
+class OrgContext:
+    """What every organization's evaluation reads: built once here, put in Ray's object
+    store once (:func:`jobs.common.map_tasks`)."""
+
+    cfg: ExperimentConfig
+    tiny: LoadedModel
+    llm: LoadedModel
+    translates: dict[int, Translate]
+    """translator training seed -> translate function; the first is the served seed."""
+    baselines: dict
+    """``mean_shadow``, ``ridge``, ``nearest_neighbour``, fitted on the training subsets."""
+    shared_vocab: bool
+    public_updates: dict
+    """combination -> the LLM update fine-tuned on public data (:func:`public_updates_by_combination`)."""
+    probe: SecretProbe
+
+
+def evaluate_org(ctx: OrgContext, seed: int, spec, prompts: list[str], max_new: int) -> dict:
+    """One organization: its fine-tunes, every row's score on its test split, its record.
+
+    Everything is seeded from ``spec`` (its data and fine-tune seeds) and ``seed`` (the KD
+    prompts), and every fine-tune resets the LoRA to the card's init, so the result does not
+    depend on which organization ran before on the same models.
+
+    Returns:
+        ``scores`` (method -> Scores), ``cost`` (method -> provider seconds: one per
+        translator seed for ``grad_transformer``), ``tiny_vec`` (L_tiny, d_tiny), ``test``
+        (the test examples) and ``record`` (what results.json keeps of the organization).
+    """
+    cfg, tiny, llm = ctx.cfg, ctx.tiny, ctx.llm
+    methods = org_methods(cfg, ctx.shared_vocab)
+    scores: dict[str, Scores] = {}
+    cost: dict[str, list[float]] = {m: [] for m in methods if m == "grad_transformer" or m.startswith("kd_")}
+    train = tasks.generate_dataset(spec)
+    test = tasks.generate_dataset(spec, split="private_test", n=cfg.eval.n_test)
+    tiny_vec = finetune(tiny, train, cfg.finetune, seed=spec.seed).final.update
+    scores["tiny_ft"] = score_model(tiny.model, tiny.tokenizer, test)
+    if ctx.shared_vocab:  # the TinyLM holds its fine-tuned LoRA now
+        llm.reset()
+        scores["proxy_tuning"] = score(proxy_tuning_logits(llm.model, tiny.model), tiny.tokenizer, test)
+    scores["llm_base"] = score_update(llm, torch.zeros(llm.layout.shape), test)
+    finetune(llm, train, cfg.finetune, seed=spec.seed)
+    scores["llm_ft"] = score_model(llm.model, llm.tokenizer, test)
+    by_seed = {}
+    for t_seed, fn in ctx.translates.items():
+        start = time.perf_counter()
+        generated = fn(tiny_vec.unsqueeze(0))[0]
+        cost["grad_transformer"].append(time.perf_counter() - start)
+        by_seed[t_seed] = score_update(llm, generated, test)
+    scores["grad_transformer"] = mean_scores(list(by_seed.values()))
+    for name, b in ctx.baselines.items():
+        scores[name] = score_update(llm, b.predict(tiny_vec.unsqueeze(0))[0], test)
+    for mode in (m[3:] for m in methods if m.startswith("kd_")):
+        start = time.perf_counter()
+        distill(llm, tiny, tiny_vec, prompts, cfg.finetune, spec.seed, mode, max_new)
+        cost[f"kd_{mode}"].append(time.perf_counter() - start)
+        scores[f"kd_{mode}"] = score_model(llm.model, llm.tokenizer, test)
+    seen = spec.combination() in ctx.public_updates
+    accuracy = {m: scores[m].accuracy for m in methods}
+    if seen:  # the paper's setting: the provider holds public data of this very distribution
+        accuracy["public_ft"] = score_update(llm, ctx.public_updates[spec.combination()], test).accuracy
+    record = {"secret_k": spec.secret_k, "secrets": spec.secrets, "mixture": spec.mixture, "seen": seen,
+              "probe_correct": int(ctx.probe.predict(tiny_vec[None])[0]) == spec.secret_k, "accuracy": accuracy}
+    if len(by_seed) > 1:
+        record["accuracy_by_translator_seed"] = {"grad_transformer": {str(s): v.accuracy for s, v in by_seed.items()}}
+    return {"scores": scores, "cost": cost, "tiny_vec": tiny_vec, "test": test, "record": record}
+
+
+def seed_rows(ctx: OrgContext, orgs: list[dict]) -> dict:
+    """One evaluation seed's figures from its organizations' :func:`evaluate_org` results,
+    in organization order, plus the rows of all organizations together (the served
+    translator on the union of the test splits)."""
+    translate, llm = next(iter(ctx.translates.values())), ctx.llm
+    per_org = {m: [o["scores"][m] for o in orgs] for m in org_methods(ctx.cfg, ctx.shared_vocab)}
+    cost = {m: [c for o in orgs for c in o["cost"][m]] for m in orgs[0]["cost"]}
+    tiny_vecs = [o["tiny_vec"] for o in orgs]
+    union = [ex for o in orgs for ex in o["test"]]
     agg_tiny = aggregate(tiny_vecs, "mean")
     multi = {"agg_then_translate": score_update(llm, translate(agg_tiny.unsqueeze(0))[0], union),
              "translate_then_agg": score_update(llm, aggregate([translate(v.unsqueeze(0))[0] for v in tiny_vecs], "mean"), union),
              "llm_base": score_update(llm, torch.zeros(llm.layout.shape), union)}
-    return {"summary": summarize(per_org), "orgs": orgs, "multi": {k: v.to_dict() for k, v in multi.items()},
+    return {"summary": summarize(per_org), "orgs": [o["record"] for o in orgs], "multi": {k: v.to_dict() for k, v in multi.items()},
             "provider_seconds": {m: statistics.fmean(v) for m, v in cost.items()}}
 
 
 def mean_scores(scores: list[Scores]) -> Scores:
     """The mean of several scorings of one organization's test set (one per translator seed)."""
     return Scores(statistics.fmean(s.accuracy for s in scores), statistics.fmean(s.nll for s in scores), scores[0].n)
+
+
+def seed_spread(vals: list[float]) -> float:
+    """The standard deviation over seeds: 0.0 for one seed, NaN where a value is NaN (the
+    PGR of a seed whose TinyLM and LLM ceiling tie; ``statistics.stdev`` raises on NaN)."""
+    if any(math.isnan(v) for v in vals):
+        return float("nan")
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
@@ -227,7 +293,7 @@ def combine(per_seed: dict, cfg: ExperimentConfig, shared_vocab: bool) -> dict:
             vals = [per_seed[s]["summary"][m][k] for s in per_seed]
             key = k if k in ("accuracy", "nll") else "per_seed_" + k
             table[m][key] = statistics.fmean(vals)
-            table[m][key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            table[m][key + "_std"] = seed_spread(vals)
     for m in methods:
         for metric in ("accuracy", "nll"):
             table[m][f"pgr_{metric}"] = pgr(table[m][metric], table["tiny_ft"][metric], table["llm_ft"][metric])
@@ -498,5 +564,9 @@ def write_plot(out_dir, results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = base_parser("Evaluate generated updates for simulated organizations").parse_args(argv)
-    evaluate(load_config(args.config))
+    p = base_parser("Evaluate generated updates for simulated organizations")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--serial", action="store_true",
+                   help="evaluate the organizations one after another in this process, without Ray (the reference path)")
+    args = p.parse_args(argv)
+    evaluate(load_config(args.config), serial=args.serial, address=args.address)

@@ -8,13 +8,15 @@ decoded update (the LLM is loaded on the worker), checkpoint = safetensors + JSO
 fingerprints and the normalization statistics, in ``{work_dir}/translator``. The sweep's
 best config (``{work_dir}/translator_best.yaml``, from ``gt-ray translator tune``) overrides
 the config's model/train values when it exists. A rerun with an unchanged corpus and
-settings reuses the checkpoint.
+settings reuses the checkpoint. With several ``translator.seeds``, their runs start at once
+as far as the free CPUs hold them (``--serial``: one after another).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -65,34 +67,70 @@ def translator_worker(config: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
-def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False) -> Path:
+def train(cfg: ExperimentConfig, address: str | None = None, force: bool = False, serial: bool = False) -> Path:
     """Train (or reuse) one translator checkpoint per training seed (``translator.seeds``)
-    for the current corpus and settings; returns the first (served) seed's directory."""
+    for the current corpus and settings; returns the first (served) seed's directory.
+
+    The seeds still to train start their Ray Train runs at once, as many as the free CPUs
+    hold (``translator.num_workers`` each; :func:`concurrent_runs`); each run is seeded by
+    its own seed alone, so it trains what it would alone. ``serial`` trains one after another."""
     try:
         corpus = Corpus(cfg.corpus_dir)
         model_cfg, train_cfg, extra = resolve_settings(cfg, corpus)
     except ValueError as e:
         raise UserError(str(e)) from None
     seeds = translator_seeds(cfg)
+    todo = []
     for seed in seeds:
-        train_seed(cfg, corpus, model_cfg, dataclasses.replace(train_cfg, seed=seed), extra, address, force)
+        seed_cfg = dataclasses.replace(train_cfg, seed=seed)
+        key = checkpoint_key(cfg, corpus, model_cfg, seed_cfg)
+        if not force and (read_metadata(translator_dir(cfg, seed)) or {}).get("key") == key:
+            kv(stage="translator", status="cached", train_seed=seed, path=translator_dir(cfg, seed))
+        else:
+            todo.append((seed_cfg, key))
+    if todo:
+        ray = init_ray(address)  # before any other ray import: it fixes the local cluster's environment
+        n = 1 if serial else min(len(todo), concurrent_runs(ray, cfg))
+
+        def run(job: tuple) -> Path:
+            seed_cfg, key = job
+            return train_seed(cfg, corpus, model_cfg, seed_cfg, key, extra)
+
+        if n == 1:
+            for job in todo:
+                run(job)
+        else:  # each fit() blocks on its own Ray Train controller: one driver thread per run
+            kv(stage="translator", status="start", train_seeds=[c.seed for c, _ in todo], at_once=n)
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                list(pool.map(run, todo))
     return translator_dir(cfg, seeds[0])
 
 
-def train_seed(cfg: ExperimentConfig, corpus: Corpus, model_cfg, train_cfg, extra: dict, address: str | None,
-               force: bool) -> Path:
-    """Train (or reuse) the checkpoint of one training seed (``train_cfg.seed``)."""
-    key = config_hash({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "val_fraction": cfg.translator.val_fraction,
-                       "test_fraction": cfg.translator.test_fraction,
-                       "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
-    out = translator_dir(cfg, train_cfg.seed)
-    if not force and (read_metadata(out) or {}).get("key") == key:
-        kv(stage="translator", status="cached", train_seed=train_cfg.seed, path=out)
-        return out
-    init_ray(address)  # before any ray import: it fixes the local cluster's environment
+def checkpoint_key(cfg: ExperimentConfig, corpus: Corpus, model_cfg, train_cfg) -> str:
+    """What a checkpoint was trained from (settings, split, corpus shards): a rerun whose key
+    matches reuses it."""
+    return config_hash({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "val_fraction": cfg.translator.val_fraction,
+                        "test_fraction": cfg.translator.test_fraction,
+                        "seed": cfg.seed, "corpus": {n: s["sha256"] for n, s in corpus.manifest["shards"].items()}})
+
+
+def concurrent_runs(ray, cfg: ExperimentConfig) -> int:
+    """How many translator runs fit at once in the cluster's free CPUs (and GPUs): at least
+    one. (A run waiting for resources that another run holds could time out in Ray Train's
+    worker-group start instead of waiting.)"""
+    free = ray.available_resources()
+    n = int(free.get("CPU", 0) // cfg.translator.num_workers)
+    if cfg.translator.use_gpu:
+        n = min(n, int(free.get("GPU", 0) // cfg.translator.num_workers))
+    return max(1, n)
+
+
+def train_seed(cfg: ExperimentConfig, corpus: Corpus, model_cfg, train_cfg, key: str, extra: dict) -> Path:
+    """Train the checkpoint of one training seed (``train_cfg.seed``) as a Ray Train run."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    out = translator_dir(cfg, train_cfg.seed)
     storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
     t0 = time.time()
     trainer = TorchTrainer(
@@ -115,10 +153,12 @@ def main(argv=None) -> None:
     p.add_argument("action", choices=["train", "tune", "eval"])
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
     p.add_argument("--force", action="store_true", help="retrain even if a matching checkpoint exists")
+    p.add_argument("--serial", action="store_true",
+                   help="train: one seed after another; eval: the test subsets one after another here, without Ray")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.action == "train":
-        train(cfg, args.address, args.force)
+        train(cfg, args.address, args.force, args.serial)
     elif args.action == "tune":
         from jobs.tune_translator import tune
 
@@ -126,4 +166,4 @@ def main(argv=None) -> None:
     else:
         from jobs.eval_translator import evaluate
 
-        evaluate(cfg)
+        evaluate(cfg, serial=args.serial, address=args.address)

@@ -304,3 +304,18 @@ def test_org_report_with_several_translator_seeds_uses_the_org_mean_and_shows_th
                "accuracy_by_translator_seed": {"grad_transformer": {0: 0.5}}}  # one seed where the others hold three
     with pytest.raises(ValueError, match="every organization must hold the translator seeds"):
         org_report(orgs, list(PER_TASK))
+
+
+def test_a_seed_without_a_gap_leaves_its_pgr_spread_nan():
+    import math
+
+    from gt_ray.config import load_yaml
+    from jobs.evaluate import combine
+
+    methods = ["llm_base", "tiny_ft", "llm_ft", "grad_transformer", "mean_shadow", "ridge", "nearest_neighbour"]
+    per_seed = {seed: {"summary": summarize({m: [Scores(0.5 if m == "llm_ft" and seed else 0.0, 1.0, 10)] for m in methods}),
+                       "multi": {"x": {"accuracy": 0.5, "nll": 1.0}}, "orgs": [{"seen": False, "accuracy": {m: 0.0 for m in methods}}],
+                       "provider_seconds": {"grad_transformer": 0.01}} for seed in (0, 1)}  # seed 0: TinyLM and LLM tie
+    out = combine(per_seed, load_yaml(Path(__file__).resolve().parents[1] / "configs/ci.yaml"), shared_vocab=False)
+    assert math.isnan(out["methods"]["grad_transformer"]["per_seed_pgr_accuracy_std"])
+    assert out["methods"]["grad_transformer"]["accuracy_std"] == 0.0
