@@ -178,16 +178,17 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-    out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "subset_budget": args.subset_budget,
-           "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
-           "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
-           "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids), "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
-           "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
-           "n_test_examples": args.n_test, "fine_tune_costs": costs,
-           "baselines": {name: group_means(v, new, has_true) for name, v in scores.items()},
-           "points": points, "provenance": provenance(cfg)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+        out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "subset_budget": args.subset_budget,
+               "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
+               "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
+               "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids),
+                         "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
+               "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
+               "n_test_examples": args.n_test, "fine_tune_costs": costs,
+               "baselines": {name: group_means(v, new, has_true) for name, v in scores.items()},
+               "points": points, "complete": len(points) == len(args.points), "provenance": provenance(cfg)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every point: a long run keeps what it did
+        Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
     print(format_table(out))
 
 
