@@ -32,6 +32,7 @@ from jobs.common import UserError, base_parser, kv, load_config, run_main, work_
 
 CARD_FILE = "pair_card.json"
 REPORT_FILE = "pair_report.json"
+SIDE_NAMES = {"tiny": "TinyLM", "llm": "LLM"}
 
 
 def prepare(cfg: ExperimentConfig) -> PairCard:
@@ -150,6 +151,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
               if (Path(getattr(card, side).path) / BUILD_FILE).is_file() else {} for side in ("tiny", "llm")}
     out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
            "models": {side: {"params": getattr(card, side).n_params, "layout": [getattr(card, side).n_layers, getattr(card, side).d_layer],
+                             "weights_sha256": getattr(card, side).weights_sha256,  # compare reports across machines
                              "built": "derived" if "derived_from" in builds[side] else "pretrained" if builds[side] else None,
                              "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss"),
                              "pretrain_seed": getattr(cfg.pair, side).pretrain.seed if builds[side] else None,
@@ -213,8 +215,11 @@ def _probe_secrets(cfg: ExperimentConfig, lm, n_train: int, n_test: int, ft_seco
 
 
 def format_report(rep: dict) -> str:
-    lines = ["| model | params | LoRA layout | how it was made |", "|---|---|---|---|"]
-    for side, m in rep["models"].items():
+    """The report as markdown: the models, then per task (left out when the report has no
+    single-task datasets: ``--n-datasets 0``), the mixtures and the world criteria."""
+    lines = ["| model | params | LoRA layout | weights sha256 | how it was made |", "|---|---|---|---|---|"]
+    for side in ("tiny", "llm"):  # the JSON is written with sorted keys: llm would come first
+        m = rep["models"][side]
         if m.get("built") == "derived":
             d = m["derived"]
             took = (f"layers {d['keep_layers']} of the LLM's {d['teacher_layers']}, healed {d['heal']['steps']} steps in "
@@ -223,9 +228,11 @@ def format_report(rep: dict) -> str:
             took = "- (pretrained elsewhere)"
         else:
             took = f"pretrained {m['pretrain_seconds']} s"
-        lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {took} |")
-    lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
-              "|---|---|---|---|---|---|---|"]
+        sha = m["weights_sha256"][:12] if m.get("weights_sha256") else "-"  # reports before it had none
+        lines.append(f"| {SIDE_NAMES[side]} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {sha} | {took} |")
+    if rep["tasks"]:
+        lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
+                  "|---|---|---|---|---|---|---|"]
     for name, row in rep["tasks"].items():
         t, l = row["tiny"], row["llm"]
         lines.append(f"| {name} | {t['k_shown']:.3f} | {t['hidden_before']:.3f} | {t['hidden_after_ft']:.3f} | "
