@@ -5,7 +5,7 @@ import torch
 
 from gt_ray.config import HealConfig, ModelSpec, PairConfig
 from gt_ray.models import (BUILD_FILE, PairCard, _decoder_layers, cached_model_dir, cut_layers, load_card_side, load_model,
-                           load_with_lora, make_pair_card, prepare_model)
+                           load_with_lora, make_pair_card, prepare_model, weights_sha256)
 from gt_ray.updates import read_lora, seeded_lora_init
 from tests.conftest import TASK_NAMES, tiny_spec
 
@@ -86,6 +86,19 @@ def test_version_1_card_is_checked_by_its_old_id_and_read_as_version_2(tiny_path
     (tmp_path / "v9.json").write_text(json.dumps({**card.to_dict(), "version": 9}))
     with pytest.raises(ValueError, match=r"pair card version 9 is newer than this gt-ray's \(2\)"):
         PairCard.load(tmp_path / "v9.json")
+
+
+def test_pretraining_gives_the_same_bytes_from_the_same_seed(tmp_path):
+    """Same spec, two fresh caches, torch's global RNG disturbed in between: the same weights
+    file, byte for byte (one torch thread here; see docs/world.md for thread counts)."""
+    from dataclasses import replace
+
+    spec = tiny_spec(steps=3)
+    a = weights_sha256(prepare_model(spec, tmp_path / "a", TASK_NAMES))
+    torch.manual_seed(999)
+    assert weights_sha256(prepare_model(spec, tmp_path / "b", TASK_NAMES)) == a
+    other = replace(spec, pretrain=replace(spec.pretrain, seed=1))
+    assert weights_sha256(prepare_model(other, tmp_path / "c", TASK_NAMES)) != a
 
 
 def test_built_model_is_a_normal_hf_directory(tiny_path):
