@@ -5,16 +5,20 @@
     gt-ray pair report  --config configs/tiny.yaml --n-probe-train 160 --n-probe-test 60 \\
         --pretrain-seeds 11 12                        # the world criteria on a second pretraining
 
-Pretraining runs in this process (a few CPU minutes at tiny scale) and is cached on disk
-keyed by the model's config hash, so a rerun takes seconds.
+Pretraining (a few CPU minutes at tiny scale) runs the two models at once, one process each
+(``--serial``: one after the other in this process), and is cached on disk keyed by the
+model's config hash, so a rerun takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 import random
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,13 +39,20 @@ REPORT_FILE = "pair_report.json"
 SIDE_NAMES = {"tiny": "TinyLM", "llm": "LLM"}
 
 
-def prepare(cfg: ExperimentConfig) -> PairCard:
-    """Build or find both models and write ``{work_dir}/pair_card.json``."""
+def prepare(cfg: ExperimentConfig, concurrent: bool = True) -> PairCard:
+    """Build or find both models and write ``{work_dir}/pair_card.json``.
+
+    With ``concurrent``, two models to pretrain are pretrained at once, each in a process of
+    its own with its configured thread count (:func:`pretrain_concurrently`); a TinyLM derived
+    from the LLM waits for it, as does everything with ``concurrent=False``.
+    """
+    to_build = [side for side in ("llm", "tiny") if _needs_build(getattr(cfg.pair, side), cfg)]
+    if concurrent and len(to_build) == 2 and all(getattr(cfg.pair, side).arch is not None for side in to_build):
+        pretrain_concurrently(cfg, to_build)  # then found in the cache below
     paths = {}
     for side in ("llm", "tiny"):  # the LLM first: a TinyLM may be derived from it
         spec = getattr(cfg.pair, side)
-        built = spec.arch is not None or spec.derive_from is not None
-        if built and not (cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists():
+        if _needs_build(spec, cfg):
             what, recipe = ("pretrain", spec.pretrain) if spec.arch is not None else ("heal", spec.heal)
             torch.set_num_threads(recipe.num_threads)
             bar = tqdm(total=recipe.steps, desc=f"{what} {side}", unit="step", mininterval=2)
@@ -67,11 +78,88 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
     return card
 
 
+def _needs_build(spec, cfg: ExperimentConfig) -> bool:
+    """Whether gt-ray builds the model of ``spec`` (pretrained or derived) and has not yet."""
+    built = spec.arch is not None or spec.derive_from is not None
+    return built and not (cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists()
+
+
 def _prepare_model(spec, cfg: ExperimentConfig, side: str, on_step=None) -> Path:
     try:
         return prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
     except ValueError as e:  # a bad path, a missing registry package, a layer the LLM lacks
         raise UserError(f"pair.{side}: {e}") from None
+
+
+def pretrain_concurrently(cfg: ExperimentConfig, sides: list[str], lines_per_model: int = 10) -> dict[str, Path]:
+    """Pretrain the ``arch`` models of ``sides`` at once, one spawned process each (torch
+    threads from its ``pretrain.num_threads``), into the cache; the weights are the bytes a
+    pretraining in this process gives. Prints one ``key=value`` line per tenth of each
+    model's steps, and one when it is done.
+
+    Returns:
+        ``{side: model directory}``.
+
+    Raises:
+        UserError: if a model cannot be built (a ``ValueError`` in its process), naming the side.
+        RuntimeError: on any other error in a process, or if one dies without a result; the
+            other processes are stopped then.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+    messages = ctx.Queue()
+    procs = {side: ctx.Process(target=_pretrain_in_process, name=f"pretrain-{side}", daemon=True,
+                               args=(side, getattr(cfg.pair, side), cfg.cache_dir, cfg.tasks.names,
+                                     max(1, getattr(cfg.pair, side).pretrain.steps // lines_per_model), messages))
+             for side in sides}
+    t0 = time.time()
+    for proc in procs.values():
+        proc.start()
+    paths: dict[str, Path] = {}
+    try:
+        while len(paths) < len(procs):
+            try:
+                kind, side, *rest = messages.get(timeout=2.0)
+            except queue.Empty:
+                dead = {s: p.exitcode for s, p in procs.items() if s not in paths and p.exitcode not in (None, 0)}
+                if dead:  # killed (out of memory?) or crashed below Python; exit code 0 still has a message on its way
+                    side, code = next(iter(dead.items()))
+                    raise RuntimeError(f"pair.{side}: its pretraining process died (exit code {code}) without a result")
+                continue
+            steps = getattr(cfg.pair, side).pretrain.steps
+            if kind == "step":
+                step, loss = rest
+                kv(stage="pretrain", model=side, step=f"{step}/{steps}", loss=round(loss, 4),
+                   seconds=round(time.time() - t0, 1))
+            elif kind == "done":
+                paths[side] = Path(rest[0])
+                kv(stage="pretrain", model=side, seconds=round(time.time() - t0, 1), path=paths[side])
+            else:  # "error"
+                error_type, message, trace = rest
+                if error_type == "ValueError":
+                    raise UserError(f"pair.{side}: {message}")
+                raise RuntimeError(f"pair.{side}: {error_type}: {message} (in its pretraining process)\n{trace}")
+    finally:
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()  # after an error: the other model stops too
+            proc.join()
+    return paths
+
+
+def _pretrain_in_process(side: str, spec, cache_dir: str, task_names: list[str], every: int, messages) -> None:
+    """One spawned process of :func:`pretrain_concurrently`: ``("step", side, step, loss)``
+    every ``every`` steps, then ``("done", side, path)`` or ``("error", side, type, message,
+    traceback)`` on ``messages``."""
+    torch.set_num_threads(spec.pretrain.num_threads)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0:
+            messages.put(("step", side, step, loss))
+
+    try:
+        messages.put(("done", side, str(prepare_model(spec, cache_dir, task_names, on_step))))
+    except Exception as e:  # reported to the parent, which raises it
+        messages.put(("error", side, type(e).__name__, str(e), traceback.format_exc()))
 
 
 def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
@@ -268,6 +356,9 @@ def main(argv=None) -> None:
     p.add_argument("--pretrain-seeds", type=int, nargs=2, metavar=("TINY", "LLM"), default=None,
                    help="pretrain the pair from these seeds instead of the config's (a second world for criterion 5); "
                         "its card goes to {work_dir}/pretrain-seeds-TINY-LLM")
+    p.add_argument("--serial", action="store_true",
+                   help="prepare: pretrain one model after the other in this process (default: both at once, "
+                        "one process each)")
     p.add_argument("--out", default=None, help=f"report: JSON path (default {{work_dir}}/{REPORT_FILE})")
     args = p.parse_args(argv)
     for flag in ("n_datasets", "n_mixtures", "n_probe_train", "n_probe_test"):
@@ -280,7 +371,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.config)
     if args.pretrain_seeds is not None:
         cfg = with_pretrain_seeds(cfg, *args.pretrain_seeds)
-    card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
+    card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg, concurrent=not args.serial)
     if args.action == "report":
         rep = report(cfg, card, n_datasets=args.n_datasets, n_test=args.n_test, task_names=args.tasks,
                      n_mixtures=args.n_mixtures, n_probe_train=args.n_probe_train, n_probe_test=args.n_probe_test)

@@ -111,3 +111,36 @@ def test_format_report_lists_both_models_and_leaves_out_an_empty_task_table():
     assert lines[-1].startswith("On 2 organization-like mixtures: TinyLM ft 0.500, LLM ft 0.900")
     rep["tasks"] = {"add": {side: {"k_shown": 1.0, "hidden_before": 0.1, "hidden_after_ft": 0.9} for side in ("tiny", "llm")}}
     assert "| add | 1.000 | 0.100 | 0.900 | 1.000 | 0.100 | 0.900 |" in prepare_pair.format_report(rep).splitlines()
+
+
+def test_concurrent_pretraining_gives_the_serial_bytes_and_names_a_failing_side(tmp_path, capsys):
+    """Both models pretrained at once, one spawned process each: the same weights (and so the
+    same card id, wherever the cache lies) as one after the other in this process, a progress
+    line from each process, and an error in one process is one error naming its side."""
+    from dataclasses import replace
+
+    from jobs.common import UserError
+    from tests.conftest import tiny_spec
+
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+
+    def pair_of(tiny, llm):
+        one_thread = {side: replace(spec, pretrain=replace(spec.pretrain, num_threads=1)) for side, spec in
+                      (("tiny", tiny), ("llm", llm))}
+        return replace(cfg.pair, **one_thread)
+
+    pair = pair_of(tiny_spec(steps=4), tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96, steps=4))
+    serial = prepare_pair.prepare(replace(cfg, pair=pair, cache_dir=str(tmp_path / "a"), work_dir=str(tmp_path / "a")),
+                                  concurrent=False)
+    capsys.readouterr()
+    both = prepare_pair.prepare(replace(cfg, pair=pair, cache_dir=str(tmp_path / "b"), work_dir=str(tmp_path / "b")))
+    out = capsys.readouterr().out
+    assert (both.tiny.weights_sha256, both.llm.weights_sha256) == (serial.tiny.weights_sha256, serial.llm.weights_sha256)
+    assert both.card_id == serial.card_id and both.tiny.path != serial.tiny.path
+    assert "stage=pretrain model=tiny step=4/4" in out and "stage=pretrain model=llm step=4/4" in out
+
+    bad = tiny_spec(steps=4)
+    bad = replace(bad, arch={**bad.arch, "model_type": "no-such-model"})
+    with pytest.raises(UserError, match="^pair.llm: Unrecognized model identifier: no-such-model"):
+        prepare_pair.prepare(replace(cfg, pair=pair_of(tiny_spec(steps=4), bad), cache_dir=str(tmp_path / "c"),
+                                     work_dir=str(tmp_path / "c")))
