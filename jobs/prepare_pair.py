@@ -46,12 +46,13 @@ def prepare(cfg: ExperimentConfig, concurrent: bool = True) -> PairCard:
     its own with its configured thread count (:func:`pretrain_concurrently`); a TinyLM derived
     from the LLM waits for it, as does everything with ``concurrent=False``.
     """
-    to_build = [side for side in ("llm", "tiny") if _needs_build(getattr(cfg.pair, side), cfg)]
-    if concurrent and len(to_build) == 2 and all(getattr(cfg.pair, side).arch is not None for side in to_build):
+    specs = {side: getattr(cfg.pair, side) for side in ("llm", "tiny")}
+    to_build = [side for side, spec in specs.items() if _needs_build(spec, cfg)]
+    if (concurrent and len(to_build) == 2 and all(specs[side].arch is not None for side in to_build)
+            and specs["tiny"] != specs["llm"]):  # one model for both sides: built once
         pretrain_concurrently(cfg, to_build)  # then found in the cache below
     paths = {}
-    for side in ("llm", "tiny"):  # the LLM first: a TinyLM may be derived from it
-        spec = getattr(cfg.pair, side)
+    for side, spec in specs.items():  # the LLM first: a TinyLM may be derived from it
         if _needs_build(spec, cfg):
             what, recipe = ("pretrain", spec.pretrain) if spec.arch is not None else ("heal", spec.heal)
             torch.set_num_threads(recipe.num_threads)
