@@ -18,7 +18,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,8 @@ from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_i
 
 logger = logging.getLogger(__name__)
 
-CARD_VERSION = 1
+CARD_VERSION = 2
+"""2: ``card_id`` hashes what the pair is, not where its models lie (no ``path``); 1: with paths."""
 BUILD_FILE = "gt_ray_build.json"
 """How gt-ray made a built or derived model (recipe, losses, seconds), inside its directory."""
 DERIVE_VERSION = 1
@@ -422,9 +423,23 @@ class PairCard:
 
     @property
     def card_id(self) -> str:
+        """Hash of what the pair is: each side's weights, config, layout, LoRA init and build
+        record, the LoRA spec and the recipe; not where the models lie (``path``, a derived
+        model's teacher path), so the same pair built under another home has the same id."""
         data = asdict(self)
+        for side in ("tiny", "llm"):
+            del data[side]["path"]
+            teacher = (data[side]["build"] or {}).get("derived_from")
+            if teacher is not None:
+                del teacher["path"]
+        return config_hash(data, n=16)
+
+    def _card_id_v1(self) -> str:
+        """The id version 1 cards were written with (paths included), to check old cards."""
+        data = asdict(self)
+        data["version"] = 1
         if data["recipe"] is None:
-            del data["recipe"]  # a card without a recipe keeps the id it had before recipes existed
+            del data["recipe"]  # a card without a recipe kept the id it had before recipes existed
         for side in ("tiny", "llm"):
             if data[side]["build"] is None:
                 del data[side]["build"]  # likewise for models gt-ray did not derive
@@ -469,7 +484,15 @@ class PairCard:
             card = cls(tiny=ModelCard(**data.pop("tiny")), llm=ModelCard(**data.pop("llm")), **data)
         except (TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{source}: not a gt-ray pair card ({e})") from None
-        if card_id is not None and card_id != card.card_id:
+        if card.version > CARD_VERSION:
+            raise ValueError(f"{source}: pair card version {card.version} is newer than this gt-ray's ({CARD_VERSION})")
+        if card.version == 1:  # checked by the id it was written with, then read as a version 2 card
+            if card_id is not None and card_id != card._card_id_v1():
+                raise ValueError(f"{source}: card_id {card_id} does not match its content ({card._card_id_v1()})")
+            card = replace(card, version=CARD_VERSION)
+            logger.info("%s: version 1 pair card %s read as version %d, card_id %s (path-free)", source, card_id,
+                        CARD_VERSION, card.card_id)
+        elif card_id is not None and card_id != card.card_id:
             raise ValueError(f"{source}: card_id {card_id} does not match its content ({card.card_id})")
         return card
 

@@ -5,16 +5,20 @@
     gt-ray pair report  --config configs/tiny.yaml --n-probe-train 160 --n-probe-test 60 \\
         --pretrain-seeds 11 12                        # the world criteria on a second pretraining
 
-Pretraining runs in this process (a few CPU minutes at tiny scale) and is cached on disk
-keyed by the model's config hash, so a rerun takes seconds.
+Pretraining (a few CPU minutes at tiny scale) runs the two models at once, one process each
+(``--serial``: one after the other in this process), and is cached on disk keyed by the
+model's config hash, so a rerun takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 import random
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,15 +36,24 @@ from jobs.common import UserError, base_parser, kv, load_config, run_main, work_
 
 CARD_FILE = "pair_card.json"
 REPORT_FILE = "pair_report.json"
+SIDE_NAMES = {"tiny": "TinyLM", "llm": "LLM"}
 
 
-def prepare(cfg: ExperimentConfig) -> PairCard:
-    """Build or find both models and write ``{work_dir}/pair_card.json``."""
+def prepare(cfg: ExperimentConfig, concurrent: bool = True) -> PairCard:
+    """Build or find both models and write ``{work_dir}/pair_card.json``.
+
+    With ``concurrent``, two models to pretrain are pretrained at once, each in a process of
+    its own with its configured thread count (:func:`pretrain_concurrently`); a TinyLM derived
+    from the LLM waits for it, as does everything with ``concurrent=False``.
+    """
+    specs = {side: getattr(cfg.pair, side) for side in ("llm", "tiny")}
+    to_build = [side for side, spec in specs.items() if _needs_build(spec, cfg)]
+    if (concurrent and len(to_build) == 2 and all(specs[side].arch is not None for side in to_build)
+            and specs["tiny"] != specs["llm"]):  # one model for both sides: built once
+        pretrain_concurrently(cfg, to_build)  # then found in the cache below
     paths = {}
-    for side in ("llm", "tiny"):  # the LLM first: a TinyLM may be derived from it
-        spec = getattr(cfg.pair, side)
-        built = spec.arch is not None or spec.derive_from is not None
-        if built and not (cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists():
+    for side, spec in specs.items():  # the LLM first: a TinyLM may be derived from it
+        if _needs_build(spec, cfg):
             what, recipe = ("pretrain", spec.pretrain) if spec.arch is not None else ("heal", spec.heal)
             torch.set_num_threads(recipe.num_threads)
             bar = tqdm(total=recipe.steps, desc=f"{what} {side}", unit="step", mininterval=2)
@@ -66,11 +79,88 @@ def prepare(cfg: ExperimentConfig) -> PairCard:
     return card
 
 
+def _needs_build(spec, cfg: ExperimentConfig) -> bool:
+    """Whether gt-ray builds the model of ``spec`` (pretrained or derived) and has not yet."""
+    built = spec.arch is not None or spec.derive_from is not None
+    return built and not (cached_model_dir(spec, cfg.cache_dir, cfg.tasks.names) / COMPLETE_MARKER).exists()
+
+
 def _prepare_model(spec, cfg: ExperimentConfig, side: str, on_step=None) -> Path:
     try:
         return prepare_model(spec, cfg.cache_dir, cfg.tasks.names, on_step)
     except ValueError as e:  # a bad path, a missing registry package, a layer the LLM lacks
         raise UserError(f"pair.{side}: {e}") from None
+
+
+def pretrain_concurrently(cfg: ExperimentConfig, sides: list[str], lines_per_model: int = 10) -> dict[str, Path]:
+    """Pretrain the ``arch`` models of ``sides`` at once, one spawned process each (torch
+    threads from its ``pretrain.num_threads``), into the cache; the weights are the bytes a
+    pretraining in this process gives. Prints one ``key=value`` line per tenth of each
+    model's steps, and one when it is done.
+
+    Returns:
+        ``{side: model directory}``.
+
+    Raises:
+        UserError: if a model cannot be built (a ``ValueError`` in its process), naming the side.
+        RuntimeError: on any other error in a process, or if one dies without a result; the
+            other processes are stopped then.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+    messages = ctx.Queue()
+    procs = {side: ctx.Process(target=_pretrain_in_process, name=f"pretrain-{side}", daemon=True,
+                               args=(side, getattr(cfg.pair, side), cfg.cache_dir, cfg.tasks.names,
+                                     max(1, getattr(cfg.pair, side).pretrain.steps // lines_per_model), messages))
+             for side in sides}
+    t0 = time.time()
+    for proc in procs.values():
+        proc.start()
+    paths: dict[str, Path] = {}
+    try:
+        while len(paths) < len(procs):
+            try:
+                kind, side, *rest = messages.get(timeout=2.0)
+            except queue.Empty:
+                dead = {s: p.exitcode for s, p in procs.items() if s not in paths and p.exitcode not in (None, 0)}
+                if dead:  # killed (out of memory?) or crashed below Python; exit code 0 still has a message on its way
+                    side, code = next(iter(dead.items()))
+                    raise RuntimeError(f"pair.{side}: its pretraining process died (exit code {code}) without a result")
+                continue
+            steps = getattr(cfg.pair, side).pretrain.steps
+            if kind == "step":
+                step, loss = rest
+                kv(stage="pretrain", model=side, step=f"{step}/{steps}", loss=round(loss, 4),
+                   seconds=round(time.time() - t0, 1))
+            elif kind == "done":
+                paths[side] = Path(rest[0])
+                kv(stage="pretrain", model=side, seconds=round(time.time() - t0, 1), path=paths[side])
+            else:  # "error"
+                error_type, message, trace = rest
+                if error_type == "ValueError":
+                    raise UserError(f"pair.{side}: {message}")
+                raise RuntimeError(f"pair.{side}: {error_type}: {message} (in its pretraining process)\n{trace}")
+    finally:
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()  # after an error: the other model stops too
+            proc.join()
+    return paths
+
+
+def _pretrain_in_process(side: str, spec, cache_dir: str, task_names: list[str], every: int, messages) -> None:
+    """One spawned process of :func:`pretrain_concurrently`: ``("step", side, step, loss)``
+    every ``every`` steps, then ``("done", side, path)`` or ``("error", side, type, message,
+    traceback)`` on ``messages``."""
+    torch.set_num_threads(spec.pretrain.num_threads)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0:
+            messages.put(("step", side, step, loss))
+
+    try:
+        messages.put(("done", side, str(prepare_model(spec, cache_dir, task_names, on_step))))
+    except Exception as e:  # reported to the parent, which raises it
+        messages.put(("error", side, type(e).__name__, str(e), traceback.format_exc()))
 
 
 def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
@@ -150,6 +240,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
               if (Path(getattr(card, side).path) / BUILD_FILE).is_file() else {} for side in ("tiny", "llm")}
     out = {"card_id": card.card_id, "tasks": rows, "n_datasets_per_task": n_datasets, "n_test": n_test,
            "models": {side: {"params": getattr(card, side).n_params, "layout": [getattr(card, side).n_layers, getattr(card, side).d_layer],
+                             "weights_sha256": getattr(card, side).weights_sha256,  # compare reports across machines
                              "built": "derived" if "derived_from" in builds[side] else "pretrained" if builds[side] else None,
                              "pretrain_seconds": builds[side].get("seconds"), "pretrain_final_loss": builds[side].get("final_loss"),
                              "pretrain_seed": getattr(cfg.pair, side).pretrain.seed if builds[side] else None,
@@ -213,8 +304,11 @@ def _probe_secrets(cfg: ExperimentConfig, lm, n_train: int, n_test: int, ft_seco
 
 
 def format_report(rep: dict) -> str:
-    lines = ["| model | params | LoRA layout | how it was made |", "|---|---|---|---|"]
-    for side, m in rep["models"].items():
+    """The report as markdown: the models, then per task (left out when the report has no
+    single-task datasets: ``--n-datasets 0``), the mixtures and the world criteria."""
+    lines = ["| model | params | LoRA layout | weights sha256 | how it was made |", "|---|---|---|---|---|"]
+    for side in ("tiny", "llm"):  # the JSON is written with sorted keys: llm would come first
+        m = rep["models"][side]
         if m.get("built") == "derived":
             d = m["derived"]
             took = (f"layers {d['keep_layers']} of the LLM's {d['teacher_layers']}, healed {d['heal']['steps']} steps in "
@@ -223,9 +317,11 @@ def format_report(rep: dict) -> str:
             took = "- (pretrained elsewhere)"
         else:
             took = f"pretrained {m['pretrain_seconds']} s"
-        lines.append(f"| {side} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {took} |")
-    lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
-              "|---|---|---|---|---|---|---|"]
+        sha = m["weights_sha256"][:12] if m.get("weights_sha256") else "-"  # reports before it had none
+        lines.append(f"| {SIDE_NAMES[side]} | {m['params']:,} | {m['layout'][0]} x {m['layout'][1]} | {sha} | {took} |")
+    if rep["tasks"]:
+        lines += ["", "| task | TinyLM k shown | TinyLM k hidden | TinyLM ft | LLM k shown | LLM k hidden | LLM ft |",
+                  "|---|---|---|---|---|---|---|"]
     for name, row in rep["tasks"].items():
         t, l = row["tiny"], row["llm"]
         lines.append(f"| {name} | {t['k_shown']:.3f} | {t['hidden_before']:.3f} | {t['hidden_after_ft']:.3f} | "
@@ -261,6 +357,9 @@ def main(argv=None) -> None:
     p.add_argument("--pretrain-seeds", type=int, nargs=2, metavar=("TINY", "LLM"), default=None,
                    help="pretrain the pair from these seeds instead of the config's (a second world for criterion 5); "
                         "its card goes to {work_dir}/pretrain-seeds-TINY-LLM")
+    p.add_argument("--serial", action="store_true",
+                   help="prepare: pretrain one model after the other in this process (default: both at once, "
+                        "one process each)")
     p.add_argument("--out", default=None, help=f"report: JSON path (default {{work_dir}}/{REPORT_FILE})")
     args = p.parse_args(argv)
     for flag in ("n_datasets", "n_mixtures", "n_probe_train", "n_probe_test"):
@@ -273,7 +372,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.config)
     if args.pretrain_seeds is not None:
         cfg = with_pretrain_seeds(cfg, *args.pretrain_seeds)
-    card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg)
+    card = load_or_prepare_card(cfg) if args.action == "report" else prepare(cfg, concurrent=not args.serial)
     if args.action == "report":
         rep = report(cfg, card, n_datasets=args.n_datasets, n_test=args.n_test, task_names=args.tasks,
                      n_mixtures=args.n_mixtures, n_probe_train=args.n_probe_train, n_probe_test=args.n_probe_test)

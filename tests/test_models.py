@@ -5,7 +5,7 @@ import torch
 
 from gt_ray.config import HealConfig, ModelSpec, PairConfig
 from gt_ray.models import (BUILD_FILE, PairCard, _decoder_layers, cached_model_dir, cut_layers, load_card_side, load_model,
-                           load_with_lora, make_pair_card, prepare_model)
+                           load_with_lora, make_pair_card, prepare_model, weights_sha256)
 from gt_ray.updates import read_lora, seeded_lora_init
 from tests.conftest import TASK_NAMES, tiny_spec
 
@@ -58,6 +58,47 @@ def test_tampered_card_is_refused(tiny_path, lora, tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a gt-ray pair card"):
         PairCard.load(path)
+
+
+def test_card_id_is_what_the_pair_is_not_where_it_lies(tiny_path, gqa_path, lora, tmp_path):
+    """The same weights under another directory (another HOME, another machine) give the same
+    card id; other weights give another."""
+    import shutil
+
+    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96), lora=lora)
+    card = make_pair_card(pair, tiny_path, gqa_path)
+    moved = make_pair_card(pair, shutil.copytree(tiny_path, tmp_path / "elsewhere" / "tiny"),
+                           shutil.copytree(gqa_path, tmp_path / "elsewhere" / "llm"))
+    assert moved.tiny.path != card.tiny.path and moved.card_id == card.card_id
+    assert make_pair_card(pair, gqa_path, tiny_path).card_id != card.card_id
+
+
+def test_version_1_card_is_checked_by_its_old_id_and_read_as_version_2(tiny_path, gqa_path, lora, tmp_path):
+    pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96), lora=lora)
+    card = make_pair_card(pair, tiny_path, gqa_path)
+    old = {**card.to_dict(), "version": 1, "card_id": card._card_id_v1()}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    loaded = PairCard.load(tmp_path / "v1.json")
+    assert loaded == card and loaded.version == 2 and loaded.card_id == card.card_id != old["card_id"]
+    (tmp_path / "v1.json").write_text(json.dumps({**old, "card_id": card.card_id}))  # a v1 card must carry its v1 id
+    with pytest.raises(ValueError, match="card_id .* does not match its content"):
+        PairCard.load(tmp_path / "v1.json")
+    (tmp_path / "v9.json").write_text(json.dumps({**card.to_dict(), "version": 9}))
+    with pytest.raises(ValueError, match=r"pair card version 9 is newer than this gt-ray's \(2\)"):
+        PairCard.load(tmp_path / "v9.json")
+
+
+def test_pretraining_gives_the_same_bytes_from_the_same_seed(tmp_path):
+    """Same spec, two fresh caches, torch's global RNG disturbed in between: the same weights
+    file, byte for byte (one torch thread here; see docs/world.md for thread counts)."""
+    from dataclasses import replace
+
+    spec = tiny_spec(steps=3)
+    a = weights_sha256(prepare_model(spec, tmp_path / "a", TASK_NAMES))
+    torch.manual_seed(999)
+    assert weights_sha256(prepare_model(spec, tmp_path / "b", TASK_NAMES)) == a
+    other = replace(spec, pretrain=replace(spec.pretrain, seed=1))
+    assert weights_sha256(prepare_model(other, tmp_path / "c", TASK_NAMES)) != a
 
 
 def test_built_model_is_a_normal_hf_directory(tiny_path):
