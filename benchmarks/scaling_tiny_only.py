@@ -78,9 +78,7 @@ def oracle_code(specs: dict, subset_ids: torch.Tensor, shape: tuple[int, ...]) -
     """One row per subset id: each task's mixture weight at (task, canonical secret) in a
     ``len(tasks) x N_PARAMS`` grid, tiled to ``shape`` (one TinyLM update's (layers, width),
     so the translator's input layout is unchanged)."""
-    dim = 1
-    for n in shape:
-        dim *= n
+    dim = math.prod(shape)
     names = sorted({t for s in specs.values() for t in s.mixture})
     rows = []
     for sid in subset_ids.tolist():
