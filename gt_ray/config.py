@@ -394,9 +394,10 @@ class EvalConfig:
     update and fine-tunes the LLM on them with the ceiling's recipe. ``sequence`` trains on
     the TinyLM's greedy answers, ``logit`` on its next-token distributions (skipped when the
     two models do not share a vocabulary). ``[]`` turns both off."""
-    num_threads: int = 2
-    """torch threads of `gt-ray eval` and `gt-ray translator eval` (1 where the cores are
-    shared: oversubscribed torch threads wait on each other)."""
+    num_threads: int = 1
+    """torch threads of `gt-ray eval` and `gt-ray translator eval` where they run here
+    (``--serial``, or no Ray). Their Ray tasks always run on one thread, so the default 1
+    gives ``--serial`` the Ray path's exact figures; more threads give other float rounding."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_orgs", "n_test", "num_threads")

@@ -176,6 +176,9 @@ def local_ray_env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # Ray starts workers at nice 15; the work is in the workers, so they compete with
+        # anything else on the machine as the driver does.
+        "RAY_worker_niceness": "0",
     }
 
 

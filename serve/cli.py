@@ -24,6 +24,7 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every port on 127.0.0.1 (docs/cluster.md)
     "RAY_AUTH_MODE": "disabled",  # the embedded local cluster only; a real cluster keeps its auth
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_worker_niceness": "0",  # workers at the driver's priority, not nice 15
 }
 """The same loopback settings as ``jobs.common.local_ray_env`` (serve does not import jobs)."""
 
