@@ -19,6 +19,12 @@ def ci_config(tmp_path_factory):
     data = yaml.safe_load((ROOT / "configs/ci.yaml").read_text())
     data["work_dir"] = str(tmp / "work")
     data["cache_dir"] = str(tmp / "cache")
+    # Fewer pretraining steps and translator epochs: the test checks the pipeline's shape and
+    # caching, not how well 60 steps train (~40 s of the suite on 2 cores).
+    for side in ("tiny", "llm"):
+        data["pair"][side]["pretrain"].update(steps=12, warmup_steps=2)
+    data["translator"]["train"]["max_epochs"] = 2
+    data["sweep"]["max_epochs"] = 2
     path = tmp / "ci.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, tmp / "work"

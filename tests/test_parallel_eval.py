@@ -26,12 +26,14 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ci_run(tiny_path, gqa_path, tmp_path_factory):
     """configs/ci.yaml with the test pair, 8 shadow subsets (2 held out for test), two
-    organizations x two seeds, one torch thread; a random translator per training seed."""
+    organizations x two seeds, one torch thread, 6 fine-tuning steps (the comparison is exact at
+    any count); a random translator per training seed."""
     ci = load_yaml(ROOT / "configs/ci.yaml")
     pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96), lora=ci.pair.lora)
     cfg = dataclasses.replace(ci, pair=pair, work_dir=str(tmp_path_factory.mktemp("par") / "work"),
                               corpus=dataclasses.replace(ci.corpus, n_subsets=8, n_tiny_only=0),
-                              eval=dataclasses.replace(ci.eval, n_orgs=2, seeds=[0, 1], num_threads=1))
+                              eval=dataclasses.replace(ci.eval, n_orgs=2, seeds=[0, 1], num_threads=1),
+                              finetune=dataclasses.replace(ci.finetune, steps=6, snapshot_steps=[4, 5, 6]))
     card = make_pair_card(cfg.pair, tiny_path, gqa_path)
     tiny, llm = load_card_side(card, "tiny"), load_card_side(card, "llm")
     for subset in plan_subsets(cfg, cfg.corpus.n_subsets, seed=cfg.corpus.seed):

@@ -64,6 +64,7 @@ def test_a_layer_the_llm_lacks_is_one_error_line(tmp_path, capsys):
     from jobs.common import run_main
 
     data = yaml.safe_load((ROOT / "configs/ci.yaml").read_text())
+    data["pair"]["llm"]["pretrain"].update(steps=1, warmup_steps=0)  # the LLM is pretrained before it is cut
     data["pair"]["tiny"] = {"derive_from": data["pair"]["llm"], "keep_layers": [0, 7]}
     data.update(cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
     bad = tmp_path / "bad.yaml"
