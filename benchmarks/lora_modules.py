@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import random
 import statistics
 import sys
 import time
@@ -32,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gt_ray import tasks  # noqa: E402
-from gt_ray.config import ExperimentConfig  # noqa: E402
 from jobs.common import load_config, provenance, work_dir  # noqa: E402
-from jobs.prepare_pair import CARD_FILE  # noqa: E402
+from jobs.prepare_pair import CARD_FILE, report_mixture  # noqa: E402
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,13 +40,6 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def modules_of(name: str) -> list[str]:
     """``all`` or a comma-separated list of module names."""
     return list(ALL) if name == "all" else [m for m in name.split(",") if m]
-
-
-def mixture_specs(cfg: ExperimentConfig, n: int) -> list[tasks.DatasetSpec]:
-    """The pair report's organization-like mixtures (jobs.prepare_pair.report)."""
-    return [tasks.draw_dataset_spec(random.Random(f"report-mixture|{cfg.seed}|{i}"), "private_train", cfg.tasks.names,
-                                    cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
-            for i in range(n)]
 
 
 def run_side(cfg_path: str, side: str, modules: list[str], n_mixtures: int, n_test: int) -> dict:
@@ -66,7 +57,7 @@ def run_side(cfg_path: str, side: str, modules: list[str], n_mixtures: int, n_te
     seed = lora.init_seed_tiny if side == "tiny" else lora.init_seed_llm
     lm = load_with_lora(getattr(card, side).path, lora, seed, getattr(cfg.pair, side).dtype)
     accs, secs = [], []
-    for spec in mixture_specs(cfg, n_mixtures):
+    for spec in (report_mixture(cfg, i) for i in range(n_mixtures)):
         t = time.time()
         finetune(lm, tasks.generate_dataset(spec), cfg.finetune, seed=spec.seed)
         secs.append(time.time() - t)

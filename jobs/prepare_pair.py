@@ -178,6 +178,13 @@ def load_or_prepare_card(cfg: ExperimentConfig) -> PairCard:
     return prepare(cfg)
 
 
+def report_mixture(cfg: ExperimentConfig, i: int) -> tasks.DatasetSpec:
+    """The report's ``i``-th organization-like mixture (the config's tasks, mixture and
+    secrets, private split; seeds other than the evaluation's)."""
+    return tasks.draw_dataset_spec(random.Random(f"report-mixture|{cfg.seed}|{i}"), "private_train", cfg.tasks.names,
+                                   cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
+
+
 def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: int = 300,
            task_names: list[str] | None = None, n_mixtures: int = 0, n_probe_train: int = 0,
            n_probe_test: int = 0) -> dict:
@@ -225,8 +232,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
         rows[name] = row
     mixtures = []
     for i in range(n_mixtures):
-        spec = tasks.draw_dataset_spec(random.Random(f"report-mixture|{cfg.seed}|{i}"), "private_train", cfg.tasks.names,
-                                       cfg.finetune.n_examples, cfg.tasks.dirichlet_alpha, cfg.tasks.secret_per_task)
+        spec = report_mixture(cfg, i)
         test = tasks.generate_dataset(spec, split="private_test", n=n_test)
         acc = {}
         for side, lm in models.items():
