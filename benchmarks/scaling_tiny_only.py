@@ -91,6 +91,27 @@ def oracle_code(specs: dict, subset_ids: torch.Tensor, shape: tuple[int, ...]) -
     return torch.stack(rows)
 
 
+def behaviour_inputs(corpus, card, specs, world, train_ids, args):
+    """The rows' behaviour matrices (`gt_ray.translator.behaviour`): probe prompts drawn from
+    4 public examples of each training subset, seed 0."""
+    from gt_ray.models import LoraSpec
+    from gt_ray.translator.behaviour import BehaviourEncoder, draw_probe_prompts
+
+    pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:4]]
+    prompts = draw_probe_prompts(pool, args.probe_prompts, seed=0)
+    lora = LoraSpec(**card.lora)
+    enc = BehaviourEncoder(load_card_side(card, "tiny"), prompts, args.probe_steps, lora.alpha / lora.rank)
+    print(f"behaviour inputs: {enc.shape} per update; probe tasks "
+          f"{sorted((t, sum(p.task == t for p in prompts)) for t in {p.task for p in prompts})}", flush=True)
+
+    def encode(rows):
+        t0 = time.perf_counter()
+        f = enc.features(rows["tiny"])
+        print(f"behaviour of {f.shape[0]} updates: {time.perf_counter() - t0:.0f} s", flush=True)
+        return f
+    return encode
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.yaml")
@@ -102,8 +123,13 @@ def main() -> None:
                    help="subset-epochs per point (equal training compute): max epochs = ceil(budget / training subsets)")
     p.add_argument("--n-test", type=int, default=100, help="test examples per test subset")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--inputs", choices=["tinylm", "code"], default="tinylm",
-                   help="what the translator reads: the TinyLM update, or the oracle code of secrets and mixture")
+    p.add_argument("--inputs", choices=["tinylm", "code", "behaviour"], default="tinylm",
+                   help="what the translator reads: the TinyLM update, the oracle code of secrets and mixture, "
+                        "or the updated TinyLM's answers to public probe prompts")
+    p.add_argument("--probe-prompts", type=int, default=64, help="probe prompts of --inputs behaviour")
+    p.add_argument("--probe-steps", type=int, default=8, help="greedy answer positions per probe prompt")
+    p.add_argument("--snapshot-stride", type=int, default=1,
+                   help="train on every k-th snapshot of each subset (the last kept); 1 = all")
     p.add_argument("--out", default="benchmarks/results/scaling_tiny_only.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,9 +165,16 @@ def main() -> None:
     nn = NearestNeighbour(k=1).fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
     fixed = {"nearest_neighbour": nn.predict(te["tiny"]), "base": torch.zeros_like(te["llm"])}
     code = (lambda rows: oracle_code(specs, rows["subset_id"], tuple(rows["tiny"].shape[1:]))) if args.inputs == "code" else None
+    te_updates = te["tiny"].clone()
+    if args.inputs == "behaviour":
+        code = behaviour_inputs(corpus, card, specs, world, paired_train + only_train, args)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)
+        model_cfg = model_cfg.with_layouts(L_tiny=va["tiny"].shape[1], d_tiny=va["tiny"].shape[2],
+                                           L_llm=model_cfg.L_llm, d_llm=model_cfg.d_llm)
     scores = {name: [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)] for name, pred in fixed.items()}
+    tiny = load_card_side(card, "tiny")  # what the organization has alone: its own updated TinyLM
+    scores["tinylm"] = [score_update(tiny, u, t).accuracy for u, t in zip(te_updates, tests)]
     scores["true"] = [score_update(llm, u, t).accuracy if ok else float("nan") for u, t, ok in zip(te["llm"], tests, has_true)]
 
     points = []
@@ -153,6 +186,9 @@ def main() -> None:
             epochs = math.ceil(args.subset_budget / len(ids))
             point_cfg = dataclasses.replace(train_cfg, max_epochs=epochs,
                                             patience=max(5, math.ceil(train_cfg.patience * epochs / train_cfg.max_epochs)))
+        if args.snapshot_stride > 1:  # every k-th snapshot of each subset, the last one kept
+            keep = (tr["step"] % args.snapshot_stride) == (max(tr["step"].tolist()) % args.snapshot_stride)
+            tr = {k: v[keep] for k, v in tr.items()}
         if code is not None:
             tr["tiny"] = code(tr)
         objective = function_objective(corpus, ids, val_ids, train_cfg)
@@ -176,7 +212,8 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-        out = {"config": args.config, "inputs": args.inputs, "seeds": args.seeds, "subset_budget": args.subset_budget,
+        out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride,
+               "probe": ({"prompts": args.probe_prompts, "steps": args.probe_steps} if args.inputs == "behaviour" else None), "seeds": args.seeds, "subset_budget": args.subset_budget,
                "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
                "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
                "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids),
@@ -228,7 +265,8 @@ def format_table(out: dict) -> str:
                      f"{p['corpus_cpu_seconds']:.0f} | {statistics.fmean(p['train_seconds']):.0f} |")
     b = out["baselines"]
     lines.append(f"nearest neighbour: {b['nearest_neighbour']['all']:.3f} (new {b['nearest_neighbour']['new']:.3f}); "
-                 f"true LLM update on the paired test subsets: {b['true']['paired']:.3f}; LLM base {b['base']['all']:.3f}")
+                 f"true LLM update on the paired test subsets: {b['true']['paired']:.3f}; LLM base {b['base']['all']:.3f}"
+                 + (f"; TinyLM with its own update {b['tinylm']['all']:.3f} (new {b['tinylm']['new']:.3f})" if "tinylm" in b else ""))
     return "\n".join(lines)
 
 

@@ -480,6 +480,11 @@ def _prompt_ids(tokenizer, ex: Example) -> tuple[list[int], bool]:
     return tokenizer(ex.prompt, add_special_tokens=False).input_ids, False
 
 
+def prompt_token_ids(tokenizer, ex: Example) -> list[int]:
+    """The prompt's token ids as :func:`encode_examples` feeds them (chat template included)."""
+    return _prompt_ids(tokenizer, ex)[0]
+
+
 def answer_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example answer NLL sum, answer token count and exact match, from teacher forcing.
 

@@ -292,6 +292,8 @@ class Stages:
             self.outputs[name] = d.stamp["output"]
             self.report[name] = {"status": "cached", "fingerprint": d.stamp["fingerprint"],
                                  "computed_seconds": d.stamp.get("seconds"), "computed_with": d.stamp.get("code")}
+            if "usage" in d.stamp:  # the run that computed it: a cached rerun keeps its figures
+                self.usage[name] = {**d.stamp["usage"], "cached": True, "computed_with": d.stamp.get("code")}
             return d.stamp.get("result")
         kv(stage="demo", step=name, status="start")
         with CpuMeter() as meter:
@@ -304,7 +306,7 @@ class Stages:
         output = config_hash(result_json, n=16) if keep_result else self.output_now(name, None)
         code = {k: v for k, v in provenance(self.cfg).items() if k in ("git_commit", "git_dirty")}
         stamp = {"stage": name, "fingerprint": fingerprint(d.values, d.upstream), "reads": d.values,
-                 "upstream": d.upstream, "output": output, "seconds": seconds, "code": code,
+                 "upstream": d.upstream, "output": output, "seconds": seconds, "usage": self.usage[name], "code": code,
                  **({"result": result_json} if keep_result else {})}
         write_json(stamp_path(self.work, name), stamp)
         self.outputs[name] = output
@@ -412,8 +414,10 @@ def main(argv=None) -> None:
             results = stages.run(eval_d, evaluate.evaluate, cfg, translate, keep_result=True)
     results["service_round"] = round_info
     results["stages"] = stages.report  # per stage: ran (and what changed), cached or skipped
-    results["stage_seconds"] = {name: u["wall_seconds"] for name, u in stages.usage.items()}  # stages that ran
-    results["stage_usage"] = stages.usage  # wall and CPU seconds (driver + Ray workers), core utilization
+    # wall and CPU seconds (driver + Ray workers) and core utilization of every stage: of this
+    # run where it ran, of the run that computed it where it was cached ("cached": true)
+    results["stage_seconds"] = {name: u["wall_seconds"] for name, u in stages.usage.items()}
+    results["stage_usage"] = stages.usage
     results["total_seconds"] = round(time.time() - t0, 1)
     results["provenance"] = provenance(cfg)
     (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))

@@ -87,6 +87,11 @@ def test_demo_runs_end_to_end_and_reuses_its_stages(ray_cluster, ci_config, caps
     for name in demo.STAGES:
         assert f"stage=demo step={name} status=cached" in second
     assert {r["status"] for r in again["stages"].values()} == {"cached"}
+    # the computing run's stage usage survives a cached rerun, marked as such
+    assert set(again["stage_usage"]) == set(results["stage_usage"]) == set(demo.STAGES)
+    for name, usage in again["stage_usage"].items():
+        assert usage["cached"] is True
+        assert usage["cpu_seconds"] == results["stage_usage"][name]["cpu_seconds"]
     assert "stage=sweep" not in second and "pretrain" not in second and "stage=serve" not in second
     assert "built=" not in second  # no corpus subset was fine-tuned again
     assert _results(again) == _results(results)

@@ -1,0 +1,100 @@
+"""What a TinyLM update *does*, as the translator's input: the updated TinyLM's answers to a
+fixed set of public probe prompts.
+
+A LoRA update is a poor thing to read: its coordinates mix the secret with the fine-tune's
+noise, and a linear probe reads a task's secret from them far less often than the updated
+TinyLM's own answers do (`gt-ray pair report`, docs/world.md). The provider owns the TinyLM
+and public prompts, so it can run the organization's update and look at the behaviour. This
+module turns an update vector into a behaviour matrix: for each of ``N`` probe prompts,
+the TinyLM's next-token distributions along its own greedy answer (``steps`` positions),
+so one row per prompt of ``steps x V`` probabilities. The translator reads those rows as
+its input tokens in place of the update's layer rows; it still knows nothing of tasks or
+secrets (the prompts are drawn at random from the provider's shadow examples).
+
+Per-example updates go in with `gt_ray.translator.function_loss.BatchedLora`, so one
+forward pass serves many (update, prompt) pairs. Prompts are grouped by token length, so
+greedy decoding needs no padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from gt_ray.models import LoadedModel
+from gt_ray.tasks import Example, prompt_token_ids
+from gt_ray.translator.function_loss import BatchedLora
+
+
+def draw_probe_prompts(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
+    """``n`` examples drawn without replacement (by prompt text, duplicates dropped) from the
+    provider's public examples, in a fixed order.
+
+    Raises:
+        ValueError: with fewer than ``n`` distinct prompts.
+    """
+    by_prompt = {ex.prompt: ex for ex in examples}
+    if len(by_prompt) < n:
+        raise ValueError(f"need {n} distinct probe prompts, the examples have {len(by_prompt)}")
+    keys = sorted(by_prompt)
+    return [by_prompt[k] for k in random.Random(seed).sample(keys, n)]
+
+
+class BehaviourEncoder:
+    """Maps raw TinyLM update vectors to behaviour matrices ``(N_prompts, steps * V)``.
+
+    Args:
+        tiny: the card's TinyLM with its LoRA init attached (frozen here).
+        prompts: the probe prompts (their answers are not used).
+        steps: greedy answer positions recorded per prompt.
+        scale: LoRA alpha / rank.
+    """
+
+    def __init__(self, tiny: LoadedModel, prompts: Sequence[Example], steps: int, scale: float) -> None:
+        if not prompts or steps < 1:
+            raise ValueError("a behaviour encoder needs at least one prompt and one step")
+        self.tiny, self.steps = tiny, steps
+        self.lora = BatchedLora(tiny, scale)
+        self.vocab = int(tiny.model.get_output_embeddings().weight.shape[0])
+        ids = [prompt_token_ids(tiny.tokenizer, ex) for ex in prompts]
+        self.groups: dict[int, list[int]] = {}  # token length -> prompt positions
+        for i, p in enumerate(ids):
+            self.groups.setdefault(len(p), []).append(i)
+        self.prompt_ids = ids
+        self.n_prompts = len(ids)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """One behaviour matrix: (prompts, steps x vocabulary)."""
+        return self.n_prompts, self.steps * self.vocab
+
+    @torch.no_grad()
+    def features(self, updates: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """Behaviour matrices of raw update vectors.
+
+        Args:
+            updates: (S, L_tiny, d_tiny) raw TinyLM update vectors (card init subtracted).
+            chunk: updates per forward pass.
+
+        Returns:
+            (S, N_prompts, steps * V) float32 probabilities, finite.
+        """
+        model = self.tiny.model
+        model.eval()
+        out = torch.zeros(updates.shape[0], self.n_prompts, self.steps, self.vocab)
+        for c in range(0, updates.shape[0], chunk):
+            u = updates[c:c + chunk].float()
+            S = u.shape[0]
+            for length, pos in self.groups.items():
+                base = torch.tensor([self.prompt_ids[i] for i in pos])  # (P, length)
+                ids = base.repeat(S, 1)  # (S * P, length): update-major
+                owner = torch.arange(S).repeat_interleave(len(pos))
+                with self.lora.plugged(u, owner):
+                    for t in range(self.steps):
+                        logits = model(input_ids=ids).logits[:, -1].float()  # (S * P, V)
+                        probs = torch.softmax(logits, dim=-1)
+                        out[c:c + S, pos, t] = probs.view(S, len(pos), -1)
+                        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        return out.flatten(2)
