@@ -91,16 +91,16 @@ def oracle_code(specs: dict, subset_ids: torch.Tensor, shape: tuple[int, ...]) -
     return torch.stack(rows)
 
 
-def behaviour_inputs(corpus, card, specs, world, train_ids, args):
-    """The rows' behaviour matrices (`gt_ray.translator.behaviour`): probe prompts drawn from
-    4 public examples of each training subset, seed 0."""
-    from gt_ray.models import LoraSpec
+def behaviour_inputs(tiny, card, specs, world, train_ids, args):
+    """The rows' behaviour matrices (`gt_ray.translator.behaviour`) under the card's TinyLM
+    ``tiny``: probe prompts drawn from 4 public examples of each training subset, seed 0."""
+    from gt_ray.config import LoraSpec
     from gt_ray.translator.behaviour import BehaviourEncoder, draw_probe_prompts
 
     pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:4]]
     prompts = draw_probe_prompts(pool, args.probe_prompts, seed=0)
     lora = LoraSpec(**card.lora)
-    enc = BehaviourEncoder(load_card_side(card, "tiny"), prompts, args.probe_steps, lora.alpha / lora.rank)
+    enc = BehaviourEncoder(tiny, prompts, args.probe_steps, lora.alpha / lora.rank)
     print(f"behaviour inputs: {enc.shape} per update; probe tasks "
           f"{sorted((t, sum(p.task == t for p in prompts)) for t in {p.task for p in prompts})}", flush=True)
 
@@ -166,14 +166,14 @@ def main() -> None:
     fixed = {"nearest_neighbour": nn.predict(te["tiny"]), "base": torch.zeros_like(te["llm"])}
     code = (lambda rows: oracle_code(specs, rows["subset_id"], tuple(rows["tiny"].shape[1:]))) if args.inputs == "code" else None
     te_updates = te["tiny"].clone()
-    if args.inputs == "behaviour":
-        code = behaviour_inputs(corpus, card, specs, world, paired_train + only_train, args)
+    tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row; behaviour runs it too
+    if args.inputs == "behaviour":  # its LoRA hooks bypass the adapter, so scoring with `tiny` does not disturb it
+        code = behaviour_inputs(tiny, card, specs, world, paired_train + only_train, args)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)
         model_cfg = model_cfg.with_layouts(L_tiny=va["tiny"].shape[1], d_tiny=va["tiny"].shape[2],
                                            L_llm=model_cfg.L_llm, d_llm=model_cfg.d_llm)
     scores = {name: [score_update(llm, u, t).accuracy for u, t in zip(pred, tests)] for name, pred in fixed.items()}
-    tiny = load_card_side(card, "tiny")  # what the organization has alone: its own updated TinyLM
     scores["tinylm"] = [score_update(tiny, u, t).accuracy for u, t in zip(te_updates, tests)]
     scores["true"] = [score_update(llm, u, t).accuracy if ok else float("nan") for u, t, ok in zip(te["llm"], tests, has_true)]
 
@@ -212,8 +212,9 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-        out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride,
-               "probe": ({"prompts": args.probe_prompts, "steps": args.probe_steps} if args.inputs == "behaviour" else None), "seeds": args.seeds, "subset_budget": args.subset_budget,
+        probe = {"prompts": args.probe_prompts, "steps": args.probe_steps} if args.inputs == "behaviour" else None
+        out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride, "probe": probe,
+               "seeds": args.seeds, "subset_budget": args.subset_budget,
                "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
                "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
                "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids),

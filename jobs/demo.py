@@ -293,7 +293,7 @@ class Stages:
             self.report[name] = {"status": "cached", "fingerprint": d.stamp["fingerprint"],
                                  "computed_seconds": d.stamp.get("seconds"), "computed_with": d.stamp.get("code")}
             if "usage" in d.stamp:  # the run that computed it: a cached rerun keeps its figures
-                self.usage[name] = {**d.stamp["usage"], "cached": True, "computed_with": d.stamp.get("code")}
+                self.usage[name] = {**d.stamp["usage"], "cached": True}  # which code: stages[name]["computed_with"]
             return d.stamp.get("result")
         kv(stage="demo", step=name, status="start")
         with CpuMeter() as meter:

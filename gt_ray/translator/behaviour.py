@@ -59,10 +59,11 @@ class BehaviourEncoder:
         self.lora = BatchedLora(tiny, scale)
         self.vocab = int(tiny.model.get_output_embeddings().weight.shape[0])
         ids = [prompt_token_ids(tiny.tokenizer, ex) for ex in prompts]
-        self.groups: dict[int, list[int]] = {}  # token length -> prompt positions
+        positions: dict[int, list[int]] = {}  # token length -> prompt positions
         for i, p in enumerate(ids):
-            self.groups.setdefault(len(p), []).append(i)
-        self.prompt_ids = ids
+            positions.setdefault(len(p), []).append(i)
+        # per token length: the prompts' positions and their ids, (P, length)
+        self.groups = [(pos, torch.tensor([ids[i] for i in pos])) for pos in positions.values()]
         self.n_prompts = len(ids)
 
     @property
@@ -87,8 +88,7 @@ class BehaviourEncoder:
         for c in range(0, updates.shape[0], chunk):
             u = updates[c:c + chunk].float()
             S = u.shape[0]
-            for length, pos in self.groups.items():
-                base = torch.tensor([self.prompt_ids[i] for i in pos])  # (P, length)
+            for pos, base in self.groups:
                 ids = base.repeat(S, 1)  # (S * P, length): update-major
                 owner = torch.arange(S).repeat_interleave(len(pos))
                 with self.lora.plugged(u, owner):
