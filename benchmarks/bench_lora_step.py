@@ -70,7 +70,7 @@ def main() -> None:
         model_spec = getattr(cfg.pair, side)
         path = prepare_model(model_spec, cfg.cache_dir, cfg.tasks.names)
         for dtype in args.dtypes or [model_spec.dtype]:
-            lm = load_with_lora(path, cfg.pair.lora, seed, dtype)
+            lm = load_with_lora(path, cfg.pair.lora.for_side(side), seed, dtype)
             n_params = sum(p.numel() for n, p in lm.model.named_parameters() if "lora_" not in n)
             for batch_size in args.batch_sizes:
                 batch = tasks.encode_examples(lm.tokenizer, examples[:batch_size])

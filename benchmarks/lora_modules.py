@@ -53,7 +53,7 @@ def run_side(cfg_path: str, side: str, modules: list[str], n_mixtures: int, n_te
     torch.set_num_threads(1)
     cfg = load_config(cfg_path)
     card = PairCard.load(work_dir(cfg) / CARD_FILE)
-    lora = dataclasses.replace(cfg.pair.lora, target_modules=modules)
+    lora = dataclasses.replace(cfg.pair.lora, target_modules=modules, llm_target_modules=None)
     seed = lora.init_seed_tiny if side == "tiny" else lora.init_seed_llm
     lm = load_with_lora(getattr(card, side).path, lora, seed, getattr(cfg.pair, side).dtype)
     accs, secs = [], []

@@ -142,14 +142,19 @@ class ModelSpec:
 
 @dataclass
 class LoraSpec:
-    """The one LoRA spec of the pair card, shared by every fine-tune of either model."""
+    """The LoRA spec of the pair card, shared by every fine-tune of either model; the two
+    sides may adapt different modules (``llm_target_modules``), with one rank and alpha."""
 
     rank: int = 2
     """LoRA rank r."""
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / rank."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names that get LoRA, in the order used inside each layer token."""
+    """Module names that get LoRA, in the order used inside each layer token (both sides,
+    unless ``llm_target_modules`` names the LLM's)."""
+    llm_target_modules: list[str] | None = None
+    """The LLM's modules where they differ from the TinyLM's (``None``: ``target_modules``):
+    e.g. every linear module of the LLM, so that it holds mixtures, and q, v of the TinyLM."""
     init_seed_tiny: int = 1234
     """Seed of the TinyLM's LoRA A init (B starts at zero)."""
     init_seed_llm: int = 5678
@@ -157,10 +162,29 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         _positive(self, "rank", "alpha")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one module")
-        if len(set(self.target_modules)) != len(self.target_modules):
-            raise ValueError(f"target_modules has duplicates: {self.target_modules}")
+        for name in ("target_modules", "llm_target_modules"):
+            modules = getattr(self, name)
+            if modules is None and name == "llm_target_modules":
+                continue
+            if not modules:
+                raise ValueError(f"{name} must name at least one module")
+            if len(set(modules)) != len(modules):
+                raise ValueError(f"{name} has duplicates: {modules}")
+
+    def for_side(self, side: str) -> "LoraSpec":
+        """The spec one side's model gets: ``target_modules`` are that side's modules."""
+        if side not in ("tiny", "llm"):
+            raise ValueError(f"side must be 'tiny' or 'llm', got {side!r}")
+        modules = self.llm_target_modules if side == "llm" and self.llm_target_modules else self.target_modules
+        return dataclasses.replace(self, target_modules=list(modules), llm_target_modules=None)
+
+    def to_card(self) -> dict[str, Any]:
+        """The spec as the pair card stores it; ``llm_target_modules`` only where it is set,
+        so that cards of pairs with one module list keep their ids."""
+        data = dataclasses.asdict(self)
+        if data["llm_target_modules"] is None:
+            del data["llm_target_modules"]
+        return data
 
 
 @dataclass

@@ -551,13 +551,13 @@ def make_pair_card(pair: PairConfig, tiny_path: str | Path, llm_path: str | Path
     sides = {}
     for side, path, seed, spec in (("tiny", tiny_path, pair.lora.init_seed_tiny, pair.tiny),
                                    ("llm", llm_path, pair.lora.init_seed_llm, pair.llm)):
-        lm = load_with_lora(path, pair.lora, seed, spec.dtype)
+        lm = load_with_lora(path, pair.lora.for_side(side), seed, spec.dtype)
         sides[side] = describe_model(path, lm.model, lm.layout, lm.init, seed)
-    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=asdict(pair.lora), recipe=recipe)
+    return PairCard(tiny=sides["tiny"], llm=sides["llm"], lora=pair.lora.to_card(), recipe=recipe)
 
 
 def load_card_side(card: PairCard, side: str, dtype: str = "float32", path: str | Path | None = None) -> LoadedModel:
     """Load the ``tiny`` or ``llm`` model named by the card (or at ``path``) and verify it."""
     mc = card.tiny if side == "tiny" else card.llm
-    lora = LoraSpec(**card.lora)
+    lora = LoraSpec(**card.lora).for_side(side)
     return load_with_lora(path or mc.path, lora, mc.init_seed, dtype, card=mc)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gt_ray.config import (CollabConfig, CorpusConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
                            TranslatorSection,
@@ -44,6 +45,9 @@ def test_missing_pair_is_refused():
     (lambda: ModelSpec(arch={"hidden_size": 3}), "needs a 'model_type'"),
     (lambda: LoraSpec(rank=0), "rank must be > 0"),
     (lambda: LoraSpec(target_modules=["q_proj", "q_proj"]), "duplicates"),
+    (lambda: LoraSpec(llm_target_modules=[]), "llm_target_modules must name at least one module"),
+    (lambda: LoraSpec(llm_target_modules=["o_proj", "o_proj"]), "llm_target_modules has duplicates"),
+    (lambda: LoraSpec().for_side("teacher"), "side must be 'tiny' or 'llm'"),
     (lambda: FinetuneConfig(steps=10, snapshot_steps=[5, 11]), r"snapshot_steps must be within 1..steps=10"),
     (lambda: FinetuneConfig(snapshot_steps=[80, 60]), "strictly increasing"),
     (lambda: DPConfig(enabled=True), "exactly one of target_epsilon and noise_multiplier"),
@@ -97,3 +101,18 @@ def test_translator_section_is_typed_and_leaves_the_layouts_to_the_corpus():
         from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"d_llm": 8}}})
     with pytest.raises(ValueError, match="translator.model: TranslatorConfig.d_model=30 is not divisible"):
         from_dict(ExperimentConfig, {"pair": pair, "translator": {"model": {"d_model": 30}}})
+
+
+def test_per_side_lora_modules_from_yaml(tmp_path):
+    """``pair.lora.llm_target_modules`` gives the LLM its own modules; the TinyLM keeps
+    ``target_modules``, and without the key both sides share them."""
+    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    data["pair"]["lora"]["llm_target_modules"] = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    lora = load_yaml(tmp_path / "c.yaml").pair.lora
+    assert lora.for_side("tiny").target_modules == ["q_proj", "v_proj"]
+    assert lora.for_side("llm").target_modules == ["q_proj", "v_proj", "o_proj", "down_proj"]
+    assert lora.for_side("llm").llm_target_modules is None
+    shared = load_yaml(ROOT / "configs/tiny.yaml").pair.lora
+    assert shared.for_side("llm").target_modules == shared.for_side("tiny").target_modules == ["q_proj", "v_proj"]
+    assert "llm_target_modules" not in shared.to_card()

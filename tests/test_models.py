@@ -47,6 +47,31 @@ def test_pair_card_round_trip_and_verification(tiny_path, gqa_path, lora, tmp_pa
         load_card_side(loaded, "tiny", path=gqa_path)
 
 
+def test_sides_may_adapt_different_modules(tiny_path, gqa_path, lora, tmp_path):
+    """``llm_target_modules`` gives the LLM its own modules (here every linear one) while the
+    TinyLM keeps q and v; each side's layout, init and checks follow its own list, and a
+    spec with one list is written to the card as before (its id does not move)."""
+    import dataclasses
+
+    all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    per_side = dataclasses.replace(lora, llm_target_modules=all_linear)
+    llm_spec = tiny_spec(hidden=48, layers=3, heads=6, kv_heads=2, ffn=96)
+    card = make_pair_card(PairConfig(tiny=tiny_spec(), llm=llm_spec, lora=per_side), tiny_path, gqa_path)
+    shared = make_pair_card(PairConfig(tiny=tiny_spec(), llm=llm_spec, lora=lora), tiny_path, gqa_path)
+    assert "llm_target_modules" not in shared.lora and card.lora["llm_target_modules"] == all_linear
+    assert card.tiny == shared.tiny and card.llm.d_layer > shared.llm.d_layer
+    assert card.card_id != shared.card_id
+    loaded = PairCard.load(card.save(tmp_path / "card.json"))
+    llm, tiny = load_card_side(loaded, "llm"), load_card_side(loaded, "tiny")
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in llm.model.named_parameters() if "lora_A" in n}
+    assert adapted == set(all_linear)
+    # Rank 2 on every linear module of a 48-wide layer with 2 of 6 heads for k and v (16 wide)
+    # and a 96-wide MLP: A is 2 x in, B is out x 2.
+    per_layer = 2 * (48 + 48) + 2 * (48 + 16) * 2 + 2 * (48 + 48) + 2 * (48 + 96) * 2 + 2 * (96 + 48)
+    assert llm.layout.d_layer == per_layer and tiny.layout.d_layer == shared.tiny.d_layer
+    assert torch.equal(llm.init, seeded_lora_init(llm.layout, lora.init_seed_llm))
+
+
 def test_tampered_card_is_refused(tiny_path, lora, tmp_path):
     pair = PairConfig(tiny=tiny_spec(), llm=tiny_spec(), lora=lora)
     path = make_pair_card(pair, tiny_path, tiny_path).save(tmp_path / "card.json")

@@ -25,7 +25,7 @@ def _examples(k: int, n: int, seed: int) -> list[tasks.Example]:
     return tasks.generate_dataset(tasks.DatasetSpec("public", k, {"caesar": 0.5, "add": 0.5}, n, seed))
 
 
-def test_hooked_logits_equal_peft_with_the_update_applied(llm):
+def _check_hooked_equals_peft(llm) -> None:
     torch.manual_seed(0)
     updates = torch.randn(3, *llm.layout.shape) * 0.05  # (S, L, d)
     ex = {i: _examples(i, 5, i) for i in range(3)}
@@ -43,6 +43,21 @@ def test_hooked_logits_equal_peft_with_the_update_applied(llm):
     # hooks are gone and the LoRA weights are untouched afterwards
     torch.testing.assert_close(read_lora(llm.model, llm.layout), llm.init)
     assert all(not m._forward_hooks for m in bl._targets.values())
+
+
+def test_hooked_logits_equal_peft_with_the_update_applied(llm):
+    _check_hooked_equals_peft(llm)
+
+
+def test_hooked_logits_equal_peft_on_every_linear_module(gqa_path):
+    """An LLM side with LoRA on all seven linear modules (``lora.llm_target_modules``):
+    attention projections of two widths (grouped-query k, v) and the MLP."""
+    from gt_ray.config import LoraSpec
+
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    llm = load_with_lora(gqa_path, LoraSpec(rank=2, alpha=16, target_modules=modules), seed=3)
+    assert len(BatchedLora(llm, scale=8.0).modules) == 7 * llm.layout.n_layers
+    _check_hooked_equals_peft(llm)
 
 
 def test_the_answer_loss_drives_the_update_and_not_the_lora_weights(llm):
