@@ -1,7 +1,7 @@
 """Which modules get LoRA, per side: does the fine-tune hold organizations' mixtures?
 
     .venv/bin/python benchmarks/lora_modules.py [--config configs/tiny.yaml] [--n-mixtures 12]
-        [--n-test 200] [--modules q_proj,v_proj all] [--workers 2]
+        [--n-test 200] [--modules q_proj,v_proj all] [--sides tiny llm] [--workers 2]
 
 The world criterion 3 (`gt-ray pair report`, docs/world.md) wants the LLM fine-tune >= 0.95
 on organization-like mixtures with none below 0.8, and the TinyLM fine-tune well below it.
@@ -71,11 +71,16 @@ def table(rows: list[dict]) -> str:
     lines = ["| LoRA modules | TinyLM ft | LLM ft | lowest LLM ft | LLM mixtures < 0.8 | update size (TinyLM / LLM) | "
              "s per fine-tune (TinyLM / LLM) |", "|---|---|---|---|---|---|---|"]
     for mods in dict.fromkeys(tuple(r["modules"]) for r in rows):
-        t, l = by[(mods, "tiny")], by[(mods, "llm")]
+        t, l = by.get((mods, "tiny")), by.get((mods, "llm"))  # a side not run shows "-"
+
+        def cell(r: dict | None, key: str, fmt: str) -> str:
+            return "-" if r is None else format(r[key], fmt)
+
+        below = "-" if l is None else f"{sum(a < 0.8 for a in l['accuracy'])} of {len(l['accuracy'])}"
         name = "all linear" if mods == ALL else ", ".join(mods)
-        lines.append(f"| {name} | {t['mean']:.3f} | {l['mean']:.3f} | {l['min']:.3f} | "
-                     f"{sum(a < 0.8 for a in l['accuracy'])} of {len(l['accuracy'])} | {t['update_size']:,} / "
-                     f"{l['update_size']:,} | {t['finetune_seconds']:.1f} / {l['finetune_seconds']:.1f} |")
+        lines.append(f"| {name} | {cell(t, 'mean', '.3f')} | {cell(l, 'mean', '.3f')} | {cell(l, 'min', '.3f')} | "
+                     f"{below} | {cell(t, 'update_size', ',')} / {cell(l, 'update_size', ',')} | "
+                     f"{cell(t, 'finetune_seconds', '.1f')} / {cell(l, 'finetune_seconds', '.1f')} |")
     return "\n".join(lines)
 
 
@@ -85,6 +90,7 @@ def main() -> None:
     p.add_argument("--n-mixtures", type=int, default=12)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--modules", nargs="+", default=["q_proj,v_proj", "all"], help="module sets: 'all' or a,b,c")
+    p.add_argument("--sides", nargs="+", choices=["tiny", "llm"], default=["tiny", "llm"], help="which models to fine-tune")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lora_modules_tiny.json"))
     args = p.parse_args()
@@ -95,12 +101,14 @@ def main() -> None:
     if not path.is_file():
         sys.exit(f"no prepared pair at {path}: run `gt-ray pair prepare --config {args.config}` first")
     card = PairCard.load(path)
-    jobs = [(args.config, side, modules_of(m), args.n_mixtures, args.n_test) for m in args.modules for side in ("tiny", "llm")]
+    jobs = [(args.config, side, modules_of(m), args.n_mixtures, args.n_test) for m in args.modules for side in args.sides]
     t0 = time.time()
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
         rows = list(pool.map(run_side, *zip(*jobs)))
     print(table(rows))
-    out = {"card_id": card.card_id, "n_mixtures": args.n_mixtures, "n_test": args.n_test, "rows": rows,
+    mixtures = [{"mixture": spec.mixture, "secrets": spec.secrets}
+                for spec in (report_mixture(cfg, i) for i in range(args.n_mixtures))]
+    out = {"card_id": card.card_id, "n_mixtures": args.n_mixtures, "n_test": args.n_test, "mixtures": mixtures, "rows": rows,
            "seconds": round(time.time() - t0, 1),
            "provenance": {**provenance(cfg), "command": " ".join(["benchmarks/lora_modules.py", *sys.argv[1:]])}}
     Path(args.out).write_text(json.dumps(out, indent=2))
