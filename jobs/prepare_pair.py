@@ -32,7 +32,8 @@ from gt_ray.finetune import finetune
 from gt_ray.updates import read_lora
 from gt_ray.models import (BUILD_FILE, COMPLETE_MARKER, PairCard, cached_model_dir, load_card_side, make_pair_card,
                            prepare_model, recipe_of)
-from jobs.common import UserError, base_parser, kv, load_config, run_main, work_dir, work_location, write_json
+from jobs.common import (UserError, base_parser, kv, load_config, provenance, run_main, work_dir, work_location,
+                         write_json)
 
 CARD_FILE = "pair_card.json"
 REPORT_FILE = "pair_report.json"
@@ -267,6 +268,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
         distinct = {name: world.distinct_share(name) for name in (task_names or cfg.tasks.names)}
         out["criteria"] = world.evaluate_criteria(rows, probes.get("tasks", {}), orgs, distinct)
     out["report_seconds"] = round(time.time() - t0, 1)
+    out["provenance"] = provenance(cfg)  # the commit and config a committed report came from
     return out
 
 

@@ -24,6 +24,7 @@ def test_report_scores_tasks_and_mixtures_on_both_models(tiny_path, gqa_path, lo
     assert "organization-like mixtures" in prepare_pair.format_report(rep)
     assert {side: m["weights_sha256"] for side, m in rep["models"].items()} == {"tiny": card.tiny.weights_sha256,
                                                                                 "llm": card.llm.weights_sha256}
+    assert rep["provenance"]["config"]["pair"]["lora"] == cfg.pair.lora.__dict__ and "git_commit" in rep["provenance"]
     assert "mixtures" not in prepare_pair.report(cfg, card, n_datasets=1, n_test=10, task_names=["add"])
 
 
