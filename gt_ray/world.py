@@ -127,6 +127,13 @@ def behavioural_secret(model: torch.nn.Module, tokenizer, task: str, inputs: Seq
     return max(range(tasks.N_PARAMS), key=lambda k: (scores[k], -k))
 
 
+def same_secret(task: str, predicted: int, true: int) -> bool:
+    """Whether a probe's ``predicted`` secret is ``true``'s behaviour: secrets that act
+    alike (``tasks.canonical_secret``: rotate by 8 is rotate by 1 on 7 letters) are one
+    answer, since no probe of the update or of its behaviour can tell them apart."""
+    return tasks.canonical_secret(task, predicted) == tasks.canonical_secret(task, true)
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 

@@ -301,10 +301,12 @@ def _probe_secrets(cfg: ExperimentConfig, lm, n_train: int, n_test: int, ft_seco
         test = [(s, u, r) for s, u, r in rows["test"] if s.mixture[name] >= world.PROBE_MIN_WEIGHT]
         linear, lam = float("nan"), None
         if len(train) >= 2 and test:
-            pred, lam = world.linear_probe(torch.stack([u for _, u in train]), [s.secrets[name] for s, _ in train],
-                                           torch.stack([u for _, u, _ in test]))
-            linear = _mean([float(p == s.secrets[name]) for p, (s, _, _) in zip(pred.tolist(), test)])
-        behavioural = _mean([float(r[name] == s.secrets[name]) for s, _, r in test]) if test else float("nan")
+            # fit on behaviour classes: secrets that act alike are one class (world.same_secret)
+            labels = [tasks.canonical_secret(name, s.secrets[name]) for s, _ in train]
+            pred, lam = world.linear_probe(torch.stack([u for _, u in train]), labels, torch.stack([u for _, u, _ in test]))
+            linear = _mean([float(world.same_secret(name, p, s.secrets[name])) for p, (s, _, _) in zip(pred.tolist(), test)])
+        behavioural = (_mean([float(world.same_secret(name, r[name], s.secrets[name])) for s, _, r in test])
+                       if test else float("nan"))
         per_task[name] = {"linear": linear, "behavioural": behavioural, "n_train": len(train), "n_test": len(test),
                           "ridge_lambda": lam}
         kv(stage="report", probe=name, linear=round(linear, 3), behavioural=round(behavioural, 3), n_test=len(test))

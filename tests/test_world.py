@@ -66,3 +66,11 @@ def test_criteria_pass_and_fail_by_threshold():
     assert not low_llm["orgs"]["pass"] and not low_llm["all_pass"]
     assert math.isnan(world.evaluate_criteria({"x": {"tiny": {"k_shown": 0.0, "hidden_after_ft": 0.0}}}, {}, None, {})
                       ["tasks"]["x"]["secret_learned"]["ratio"])
+
+
+def test_a_probe_that_names_an_alias_of_the_secret_reads_it():
+    """rotate and delete act on 7 letters (k mod 7): naming 1 for a secret 8 is right;
+    caesar's ten shifts are all different, so there it is wrong."""
+    assert world.same_secret("rotate", 1, 8) and world.same_secret("delete", 9, 2)
+    assert not world.same_secret("caesar", 1, 8) and not world.same_secret("rotate", 1, 2)
+    assert world.same_secret("caesar", 4, 4)
