@@ -136,7 +136,7 @@ def main() -> None:
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
-    model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
+    model_cfg, train_cfg, settings = resolve_settings(cfg, corpus)
     if args.epochs:
         train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
     if args.patience:
@@ -216,6 +216,10 @@ def main() -> None:
         out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride, "probe": probe,
                "seeds": args.seeds, "subset_budget": args.subset_budget,
                "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
+               # the resolved settings (the sweep's best YAML may override the config's lr) and the
+               # validation subsets, so a pipeline run can be compared like for like
+               "train": dataclasses.asdict(train_cfg), "settings_source": settings["settings_source"],
+               "val_subsets": [int(i) for i in val_ids],
                "n_paired_train": len(paired_train), "n_tiny_only_train_available": len(only_train),
                "n_val": {"paired": sum(not is_tiny_only(i) for i in val_ids),
                          "tiny_only": sum(is_tiny_only(i) for i in val_ids)},
