@@ -581,20 +581,47 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def load_yaml(path: str | os.PathLike, cls: type = ExperimentConfig) -> Any:
     """Load a YAML file into dataclass ``cls``.
 
+    A file may start from another: ``base: tiny.yaml`` (relative to the file) loads that one
+    first and merges this file's mappings over it, key by key (a list or scalar replaces).
+
     Raises:
-        ValueError: if the file is missing, is not valid YAML, or does not fit ``cls``.
+        ValueError: if the file (or a base) is missing, is not valid YAML, names bases in a
+            cycle, or does not fit ``cls``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config file not found: {p}")
+    data = _read_with_bases(p, ())
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
-    try:
-        return from_dict(cls, data or {})
+        return from_dict(cls, data)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
+
+
+def _read_with_bases(p: Path, chain: tuple[Path, ...]) -> Any:
+    """The YAML at ``p`` with its ``base`` chain merged in (``chain``: the files that led here)."""
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}" + (f" (the base of {chain[-1]})" if chain else ""))
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    data = dict(data)
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ValueError(f"{p}: base: expected a path to a YAML file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    if base_path in chain or base_path == p.resolve():
+        raise ValueError(f"{p}: base {base} makes a cycle")
+    return _merge(_read_with_bases(base_path, (*chain, p.resolve())), data)
+
+
+def _merge(under: Any, over: dict) -> dict:
+    """``over``'s keys over ``under``'s; mappings merge key by key, anything else replaces."""
+    out = dict(under) if isinstance(under, dict) else {}
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def config_hash(obj: Any, n: int = 12) -> str:

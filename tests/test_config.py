@@ -116,3 +116,33 @@ def test_per_side_lora_modules_from_yaml(tmp_path):
     shared = load_yaml(ROOT / "configs/tiny.yaml").pair.lora
     assert shared.for_side("llm").target_modules == shared.for_side("tiny").target_modules == ["q_proj", "v_proj"]
     assert "llm_target_modules" not in shared.to_card()
+
+
+def test_a_config_starts_from_a_base(tmp_path):
+    """``base:`` loads another YAML first; mappings merge key by key, lists replace; the
+    committed world candidates are configs/tiny.yaml with other LoRA modules and work_dir."""
+    (tmp_path / "base.yaml").write_text("pair: {tiny: {path: a}, llm: {path: b}, lora: {rank: 4, target_modules: [q_proj, v_proj]}}\n"
+                                        "finetune: {lr: 3e-3, steps: 100}\nwork_dir: w0\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/c.yaml").write_text("base: ../base.yaml\npair: {lora: {target_modules: [v_proj]}}\nfinetune: {lr: 1e-3}\n")
+    cfg = load_yaml(tmp_path / "sub/c.yaml")
+    assert cfg.pair.lora.target_modules == ["v_proj"] and cfg.pair.lora.rank == 4 and cfg.pair.tiny.path == "a"
+    assert cfg.finetune.lr == pytest.approx(1e-3) and cfg.finetune.steps == 100 and cfg.work_dir == "w0"
+    tiny = load_yaml(ROOT / "configs/tiny.yaml")
+    for name, module in (("tiny_side_q", "q_proj"), ("tiny_side_v", "v_proj")):
+        world = load_yaml(ROOT / f"configs/world/{name}.yaml")
+        assert world.pair.lora.target_modules == [module] and len(world.pair.lora.llm_target_modules) == 7
+        assert world.pair.tiny == tiny.pair.tiny and world.corpus == tiny.corpus and world.work_dir == f"runs/world_side_{module[0]}"
+
+
+def test_a_bad_base_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="makes a cycle"):
+        load_yaml(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ValueError, match="config file not found.*the base of"):
+        load_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [x]\n")
+    with pytest.raises(ValueError, match="base: expected a path"):
+        load_yaml(tmp_path / "d.yaml")
