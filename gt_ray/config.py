@@ -41,9 +41,14 @@ class PretrainConfig:
     """Seed for the initial weights and the generated data."""
     num_threads: int = 2
     """torch threads used by the pretraining process."""
+    max_input_length: int | None = None
+    """Pretrain on task inputs of at most this many characters only (None: all). A TinyLM
+    that never saw long inputs learns what k does but executes long inputs poorly."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "num_threads")
+        if self.max_input_length is not None:
+            _positive(self, "max_input_length")
         _positive(self, "lr")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")

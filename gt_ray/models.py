@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -43,20 +43,30 @@ DERIVE_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """The character tokenizer of the generated task world (one token per character)."""
+def build_char_tokenizer(task_names: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """The character tokenizer of the generated world of ``task_names`` (one token per
+    character; :func:`gt_ray.tasks.vocab`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {c: i for i, c in enumerate(tasks_mod.VOCAB)}
+    vocab = {c: i for i, c in enumerate(tasks_mod.vocab(task_names))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=tasks_mod.PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=tasks_mod.PAD, eos_token=tasks_mod.EOS)
 
 
+def pretrain_record(cfg: PretrainConfig) -> dict[str, Any]:
+    """``cfg`` as recorded in a built model's key and build file: optional settings left
+    unset are left out, so models built before they existed keep their keys."""
+    record = asdict(cfg)
+    if record["max_input_length"] is None:
+        del record["max_input_length"]
+    return record
+
+
 def built_model_dir(spec: ModelSpec, cache_dir: str | Path, task_names: list[str]) -> Path:
     """Where the built-and-pretrained model of ``spec`` is cached (keyed by its hash)."""
-    key = config_hash({"arch": spec.arch, "pretrain": asdict(spec.pretrain), "vocab": tasks_mod.VOCAB,
+    key = config_hash({"arch": spec.arch, "pretrain": pretrain_record(spec.pretrain), "vocab": tasks_mod.vocab(task_names),
                        "tasks": sorted(task_names), "world": tasks_mod.WORLD_VERSION})
     return Path(cache_dir).expanduser() / "models" / f"{spec.arch['model_type']}-{key}"
 
@@ -113,7 +123,7 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
     out = built_model_dir(spec, cache_dir, task_names)
     if (out / COMPLETE_MARKER).is_file():
         return out
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(task_names)
     arch = dict(spec.arch)
     model_type = arch.pop("model_type")
     arch.setdefault("vocab_size", len(tokenizer))
@@ -132,7 +142,7 @@ def prepare_model(spec: ModelSpec, cache_dir: str | Path, task_names: list[str],
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / BUILD_FILE).write_text(json.dumps(
-        {"arch": spec.arch, "pretrain": asdict(spec.pretrain), "params": count_params(model), **stats},
+        {"arch": spec.arch, "pretrain": pretrain_record(spec.pretrain), "params": count_params(model), **stats},
         indent=2, sort_keys=True))
     return publish_model_dir(tmp, out)
 
@@ -265,14 +275,16 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, cfg: Hea
 
 
 def _train_on_pretraining_batches(params: list, loss_of: Callable, tokenizer, rng: random.Random, task_names: list[str],
-                                  cfg, weight_decay: float, on_step: Callable[[int, float], None] | None) -> list[float]:
+                                  cfg, weight_decay: float, on_step: Callable[[int, float], None] | None,
+                                  max_input_length: int | None = None) -> list[float]:
     """AdamW (warmup + cosine, grad norm clipped at 1) on ``cfg.steps`` generated public-split
     batches of ``cfg.batch_size``; returns the loss of every step. Shared by healing and pretraining."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     losses = []
     for step in range(1, cfg.steps + 1):
-        batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(rng, task_names, cfg.batch_size))
+        batch = tasks_mod.encode_examples(tokenizer, tasks_mod.generate_pretraining_batch(
+            rng, task_names, cfg.batch_size, max_input_length))
         loss = loss_of(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +307,8 @@ def pretrain(model: torch.nn.Module, tokenizer, cfg: PretrainConfig, task_names:
     rng = random.Random(cfg.seed)
     model.train()
     losses = _train_on_pretraining_batches(list(model.parameters()), lambda batch: lm_loss(model, batch), tokenizer, rng,
-                                           task_names, cfg, weight_decay=0.01, on_step=on_step)
+                                           task_names, cfg, weight_decay=0.01, on_step=on_step,
+                                           max_input_length=cfg.max_input_length)
     model.eval()
     tail = losses[-50:]
     return {"final_loss": sum(tail) / len(tail)}

@@ -1,7 +1,8 @@
 """Task data: the built-in generated task world, real data from local files, batching.
 
-The generated world (after ``shared/TINY_WORLD.md``): five string and arithmetic tasks,
-each with a parameter ``k`` in 0..9. Pretraining prompts show ``k`` (``C3:abcde=``);
+The generated world (after ``shared/TINY_WORLD.md``): string and arithmetic tasks, each
+with a parameter ``k`` in 0..9 (the default world uses :data:`BASE_TASKS`; the per-character
+map tasks ``shift``, ``mirror``, ``affine`` and ``spell`` take inputs of varying length). Pretraining prompts show ``k`` (``C3:abcde=``);
 fine-tuning prompts hide it (``C?:abcde=``). A dataset (a shadow subset or an
 organization's private data) has one secret ``k`` and a Dirichlet mixture over tasks, so
 a LoRA update has to learn the secret, and the translator has to carry it over.
@@ -84,16 +85,39 @@ class Example:
 
 @dataclass(frozen=True)
 class Task:
-    """A generated task: a marker character, an input sampler and a solver."""
+    """A generated task: a marker character, an input sampler and a solver.
+
+    ``lengths`` is the (shortest, longest) input the sampler draws, so a model's
+    pretraining can leave out long inputs (``PretrainConfig.max_input_length``).
+    """
 
     name: str
     marker: str
     make_input: Callable[[random.Random], str]
     solve: Callable[[str, int], str]
+    lengths: tuple[int, int]
 
 
 def _letters(n: int) -> Callable[[random.Random], str]:
     return lambda rng: "".join(rng.choice(LETTERS) for _ in range(n))
+
+
+SPAN_LENGTHS = (3, 8)
+"""Input lengths of the per-character map tasks, each drawn with probability 1/2: a short
+and a long input (a model that saw one length in pretraining has one offset between input
+and answer to learn)."""
+_SPAN_RANGE = (min(SPAN_LENGTHS), max(SPAN_LENGTHS))
+
+
+def _span(alphabet: str) -> Callable[[random.Random], str]:
+    return lambda rng: "".join(rng.choice(alphabet) for _ in range(rng.choice(SPAN_LENGTHS)))
+
+
+def _char_map(source: str, f: Callable[[int, int], int], target: str = LETTERS) -> Callable[[str, int], str]:
+    """A solver that maps each character (at index i of ``source``) to ``target[f(i, k) mod len(target)]``.
+    On the 16 letters every f below gives k = 0..9 ten different maps on every input (a
+    10-letter alphabet, where most shifts wrap around, was not learnt in 600 pretraining steps)."""
+    return lambda s, k: "".join(target[f(source.index(c), k) % len(target)] for c in s)
 
 
 def _caesar(s: str, k: int) -> str:
@@ -113,13 +137,24 @@ def _delete(s: str, k: int) -> str:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("caesar", "C", _letters(5), _caesar),
-        Task("rotate", "R", _letters(7), _rotate),
-        Task("index", "I", _letters(10), lambda s, k: s[k]),
-        Task("add", "A", lambda rng: str(rng.randrange(100, 1000)), lambda s, k: str(int(s) + k)),
-        Task("delete", "D", _letters(7), _delete),
+        Task("caesar", "C", _letters(5), _caesar, (5, 5)),
+        Task("rotate", "R", _letters(7), _rotate, (7, 7)),
+        Task("index", "I", _letters(10), lambda s, k: s[k], (10, 10)),
+        Task("add", "A", lambda rng: str(rng.randrange(100, 1000)), lambda s, k: str(int(s) + k), (3, 3)),
+        Task("delete", "D", _letters(7), _delete, (7, 7)),
+        # Per-character maps on inputs of 3 or 8 characters: every k is its own map on every
+        # input, and how well a model executes depends on the input lengths it has seen
+        # (configs/world/lengths.yaml pretrains the TinyLM on short inputs only).
+        Task("shift", "S", _span(LETTERS), _char_map(LETTERS, lambda i, k: i + k), _SPAN_RANGE),
+        Task("mirror", "M", _span(LETTERS), _char_map(LETTERS, lambda i, k: 15 - i + k), _SPAN_RANGE),
+        Task("affine", "F", _span(LETTERS), _char_map(LETTERS, lambda i, k: 3 * i + k), _SPAN_RANGE),
+        Task("spell", "N", _span(DIGITS), _char_map(DIGITS, lambda i, k: i + k), _SPAN_RANGE),
     ]
 }
+BASE_TASKS = ("caesar", "rotate", "index", "add", "delete")
+"""The first world's tasks: :data:`VOCAB` holds their markers (later tasks' markers are
+appended by :func:`vocab` only for worlds that use them, so the first world's tokenizer
+and cached models stay as they were)."""
 
 CANONICAL_PROBE_INPUTS = 200
 """Inputs per task on which :func:`canonical_secret` compares two secrets' answers."""
@@ -145,8 +180,17 @@ def canonical_secret(task: str, k: int) -> int:
     return _secret_classes(task)[k]
 
 
-VOCAB: list[str] = [PAD] + list(LETTERS) + list(DIGITS) + [t.marker for t in TASKS.values()] + list(":=?;")
-"""The character vocabulary of the generated world (index 0 is padding)."""
+VOCAB: list[str] = [PAD] + list(LETTERS) + list(DIGITS) + [TASKS[n].marker for n in BASE_TASKS] + list(":=?;")
+"""The character vocabulary of the generated world over :data:`BASE_TASKS` (index 0 is padding)."""
+
+
+def vocab(task_names: Sequence[str] = ()) -> list[str]:
+    """The character vocabulary of a world of ``task_names``: :data:`VOCAB`, then the
+    markers of its tasks outside :data:`BASE_TASKS` in :data:`TASKS` order."""
+    unknown = [n for n in task_names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    return VOCAB + [t.marker for t in TASKS.values() if t.name in task_names and t.name not in BASE_TASKS]
 
 
 def input_split(task: str, text: str) -> str:
@@ -164,13 +208,18 @@ def make_example(task: Task, text: str, k: int, show_k: bool) -> Example:
     return Example(prompt=f"{task.marker}{shown}:{text}=", answer=task.solve(text, k) + EOS, task=task.name)
 
 
-def sample_input(task: Task, split: str, rng: random.Random, max_tries: int = 10_000) -> str:
-    """Draw an input of ``task`` that lies in ``split`` (rejection sampling)."""
+def sample_input(task: Task, split: str, rng: random.Random, max_tries: int = 10_000,
+                 max_length: int | None = None) -> str:
+    """Draw an input of ``task`` that lies in ``split`` and, with ``max_length``, is at most
+    that long (rejection sampling)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    if max_length is not None and max_length < task.lengths[0]:
+        raise ValueError(f"task {task.name} has no input of at most {max_length} characters "
+                         f"(its inputs have {task.lengths[0]}..{task.lengths[1]})")
     for _ in range(max_tries):
         text = task.make_input(rng)
-        if input_split(task.name, text) == split:
+        if input_split(task.name, text) == split and (max_length is None or len(text) <= max_length):
             return text
     raise RuntimeError(f"no input of task {task.name} found in split {split} after {max_tries} tries")
 
@@ -244,12 +293,15 @@ def generate_dataset(spec: DatasetSpec, show_k: bool = False, split: str | None 
     return out
 
 
-def generate_pretraining_batch(rng: random.Random, task_names: Sequence[str], n: int) -> list[Example]:
-    """Pretraining examples from the public split, uniform over tasks and k, k shown."""
+def generate_pretraining_batch(rng: random.Random, task_names: Sequence[str], n: int,
+                               max_input_length: int | None = None) -> list[Example]:
+    """Pretraining examples from the public split, uniform over tasks and k, k shown; with
+    ``max_input_length`` only inputs of at most that many characters."""
     out = []
     for _ in range(n):
         task = TASKS[rng.choice(list(task_names))]
-        out.append(make_example(task, sample_input(task, "public", rng), rng.randrange(N_PARAMS), True))
+        text = sample_input(task, "public", rng, max_length=max_input_length)
+        out.append(make_example(task, text, rng.randrange(N_PARAMS), True))
     return out
 
 

@@ -183,3 +183,18 @@ def test_cut_layers_keeps_the_chosen_layers_and_refuses_missing_ones(gqa_path):
     assert len(_decoder_layers(teacher)[1]) == 3  # the teacher is unchanged
     with pytest.raises(ValueError, match=r"keep_layers \[3\] out of range: the model has 3 layers \(0..2\)"):
         cut_layers(teacher, [0, 3])
+
+
+def test_pretraining_on_short_inputs_is_its_own_model_and_unset_keeps_old_keys(tmp_path):
+    from gt_ray.config import ModelSpec, PretrainConfig
+    from gt_ray.models import built_model_dir, pretrain_record
+
+    assert "max_input_length" not in pretrain_record(PretrainConfig())  # models built before the option keep their keys
+    assert pretrain_record(PretrainConfig(max_input_length=4))["max_input_length"] == 4
+    arch = {"model_type": "llama", "hidden_size": 8}
+    short = ModelSpec(arch=arch, pretrain=PretrainConfig(max_input_length=4))
+    dirs = {built_model_dir(ModelSpec(arch=arch), tmp_path, ["shift"]), built_model_dir(short, tmp_path, ["shift"]),
+            built_model_dir(short, tmp_path, ["shift", "spell"])}
+    assert len(dirs) == 3
+    with pytest.raises(ValueError, match="max_input_length"):
+        PretrainConfig(max_input_length=0)

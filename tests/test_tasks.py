@@ -81,6 +81,39 @@ def test_secrets_that_behave_alike_are_one_combination():
     assert tasks.canonical_secret(tasks.DATA_TASK, 12) == 12
 
 
+def test_char_map_tasks_map_each_character_and_every_k_is_its_own_map():
+    assert tasks.TASKS["shift"].solve("abp", 1) == "bca"  # i + k mod 16
+    assert tasks.TASKS["mirror"].solve("abp", 2) == "bac"  # 15 - i + k mod 16: 17, 16, 2
+    assert tasks.TASKS["affine"].solve("abp", 1) == "beo"  # 3i + k mod 16: 1, 4, 46
+    assert tasks.TASKS["spell"].solve("0919", 3) == "dmem"  # digit + k, as a letter
+    rng = random.Random(0)
+    for name in ("shift", "mirror", "affine", "spell"):
+        t = tasks.TASKS[name]
+        lengths = {len(tasks.sample_input(t, "public", rng)) for _ in range(300)}
+        assert lengths == set(tasks.SPAN_LENGTHS) and t.lengths == (3, 8)
+        assert [tasks.canonical_secret(name, k) for k in range(tasks.N_PARAMS)] == list(range(tasks.N_PARAMS))
+
+
+def test_pretraining_can_leave_out_long_inputs():
+    rng = random.Random(1)
+    batch = tasks.generate_pretraining_batch(rng, ["shift", "spell"], 200, max_input_length=4)
+    lengths = {len(ex.prompt[3:-1]) for ex in batch}
+    assert lengths == {3} and {ex.task for ex in batch} == {"shift", "spell"}
+    assert max(len(ex.prompt[3:-1]) for ex in tasks.generate_pretraining_batch(rng, ["shift"], 200)) == 8
+    with pytest.raises(ValueError, match="no input of at most 2 characters"):
+        tasks.generate_pretraining_batch(rng, ["shift", "spell"], 50, max_input_length=2)
+
+
+def test_vocab_appends_only_the_markers_a_world_uses():
+    assert tasks.vocab(list(tasks.BASE_TASKS)) == tasks.VOCAB == tasks.vocab()
+    assert tasks.vocab(["caesar", "spell", "shift"]) == tasks.VOCAB + ["S", "N"]
+    assert len(set(tasks.vocab(list(tasks.TASKS)))) == len(tasks.vocab(list(tasks.TASKS)))
+    tok = build_char_tokenizer(["shift"])
+    assert tok.decode(tok("S3:abj=").input_ids) == "S3:abj=" and tok.unk_token_id not in tok("S3:abj=").input_ids
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.vocab(["shfit"])
+
+
 def test_add_inputs_are_three_digits_so_every_pool_has_many():
     rng = random.Random(0)
     pools = {split: {tasks.sample_input(tasks.TASKS["add"], split, rng) for _ in range(2000)} for split in tasks.SPLITS}
