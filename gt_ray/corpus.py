@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 import torch
 
 from gt_ray import storage, tasks
-from gt_ray.config import ExperimentConfig, TaskConfig, from_dict
+from gt_ray.config import ExperimentConfig, TaskConfig
+from gt_ray.yaml_io import from_dict
 from gt_ray.models import PairCard
 from gt_ray.shadow import SHADOW_SPLIT, TINY_ONLY_BASE, flat_float32, is_tiny_only
 

@@ -28,7 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from gt_ray import storage
 from gt_ray import tasks as tasks_mod
-from gt_ray.config import ExperimentConfig, HealConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig, config_hash
+from gt_ray.config import ExperimentConfig, HealConfig, LoraSpec, ModelSpec, PairConfig, PretrainConfig
+from gt_ray.yaml_io import config_hash
 from gt_ray.registry import COMPLETE_MARKER, converted_dir, fetch_model, get_model, publish_model_dir
 from gt_ray.updates import UpdateLayout, derive_layout, read_lora, seeded_lora_init, tensor_sha256, write_lora
 

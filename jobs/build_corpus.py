@@ -23,7 +23,8 @@ import time
 import torch
 
 from gt_ray import storage
-from gt_ray.config import ExperimentConfig, from_dict
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import from_dict
 from gt_ray.corpus import Corpus, completed_subsets, corpus_ids, corpus_schema, corpus_stats, subset_config, write_manifest, write_shard
 from gt_ray.shadow import finetune_pair, finetune_tiny_only, is_tiny_only, plan_corpus, plan_subsets, shadow_examples
 from gt_ray.models import PairCard, load_card_side

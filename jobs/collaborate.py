@@ -50,7 +50,8 @@ from typing import Callable
 import torch
 
 from gt_ray import tasks
-from gt_ray.config import ExperimentConfig, config_hash
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import config_hash
 from gt_ray.evaluate import Scores, score_model, score_update
 from gt_ray.finetune import finetune
 from gt_ray.models import LoadedModel, load_card_side, load_model

@@ -38,7 +38,8 @@ from typing import Any, Callable
 import yaml
 
 from gt_ray import storage
-from gt_ray.config import ExperimentConfig, config_hash
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import config_hash
 from gt_ray.corpus import MANIFEST, completed_subsets, shard_name
 from gt_ray.models import PairCard
 from gt_ray.pipeline import best_config_location, translator_dir, translator_dir_from, translator_seeds

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from gt_ray import storage
-from gt_ray.config import ExperimentConfig, config_hash, from_dict
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import config_hash, from_dict
 from gt_ray.corpus import Corpus
 from gt_ray.pipeline import fit, load_split, resolve_settings, translator_dir, translator_seeds
 from gt_ray.translator.checkpoint import read_metadata, save_translator

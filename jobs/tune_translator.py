@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from gt_ray import storage
-from gt_ray.config import ExperimentConfig, config_hash, from_dict
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import config_hash, from_dict
 from gt_ray.corpus import Corpus
 from gt_ray.pipeline import BEST_CONFIG_FILE, fit, load_split, resolve_settings
 from gt_ray.translator.config import SweepConfig, TrainConfig, TranslatorConfig

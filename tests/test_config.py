@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from gt_ray.config import (CollabConfig, CorpusConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
-                           TranslatorSection,
-                           from_dict, load_yaml)
+                           TranslatorSection, load_yaml)
+from gt_ray.yaml_io import from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -174,7 +174,7 @@ def test_corpus_build_refuses_a_bad_data_file_before_starting_ray(cfg, tmp_path)
 def test_jobs_carry_the_data_files_and_eval_refuses_them_with_one_line(cfg):
     import dataclasses
 
-    from gt_ray.config import from_dict
+    from gt_ray.yaml_io import from_dict
     from jobs.common import UserError
     from jobs.evaluate import evaluate
 

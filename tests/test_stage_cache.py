@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gt_ray.config import ExperimentConfig, from_dict, load_yaml
+from gt_ray.config import ExperimentConfig, load_yaml
+from gt_ray.yaml_io import from_dict
 from jobs import demo
 from jobs.common import UserError
 

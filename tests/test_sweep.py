@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gt_ray.config import ExperimentConfig, from_dict
+from gt_ray.config import ExperimentConfig
+from gt_ray.yaml_io import from_dict
 from gt_ray.translator.config import SweepConfig
 from jobs.tune_translator import trial_device, trial_resources
 
