@@ -379,6 +379,7 @@ def main(argv=None) -> None:
                    help=f"run these stages even if cached (after a code change): {', '.join(STAGES)} or all")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
+    code = provenance(cfg)  # at the start: the commit whose code runs, even if HEAD moves during the run
     t0 = time.time()
     out = work_dir(cfg)
     card_path = out / prepare_pair.CARD_FILE
@@ -420,7 +421,7 @@ def main(argv=None) -> None:
     results["stage_seconds"] = {name: u["wall_seconds"] for name, u in stages.usage.items()}
     results["stage_usage"] = stages.usage
     results["total_seconds"] = round(time.time() - t0, 1)
-    results["provenance"] = provenance(cfg)
+    results["provenance"] = code
     (out / evaluate.RESULTS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     write_plots(out, results)
     cached = [n for n, r in stages.report.items() if r["status"] == "cached"]

@@ -207,6 +207,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
     models = {side: load_card_side(card, side, getattr(cfg.pair, side).dtype) for side in ("tiny", "llm")}
     rng = random.Random(cfg.seed)
     t0 = time.time()
+    code = provenance(cfg)  # at the start: the commit whose code runs, even if HEAD moves during the report
     ft_seconds: dict[str, list[float]] = {"tiny": [], "llm": []}
 
     def timed_finetune(side: str, examples, seed: int) -> None:
@@ -268,7 +269,7 @@ def report(cfg: ExperimentConfig, card: PairCard, n_datasets: int = 3, n_test: i
         distinct = {name: world.distinct_share(name) for name in (task_names or cfg.tasks.names)}
         out["criteria"] = world.evaluate_criteria(rows, probes.get("tasks", {}), orgs, distinct)
     out["report_seconds"] = round(time.time() - t0, 1)
-    out["provenance"] = provenance(cfg)  # the commit and config a committed report came from
+    out["provenance"] = code  # the commit and config a committed report came from
     return out
 
 
