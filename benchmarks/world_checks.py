@@ -7,6 +7,8 @@ input length; and does a TinyLM LoRA fine-tune learn a hidden k from single-task
     python benchmarks/world_checks.py pretrain --tasks shift --steps 600 --alphabet 10 --lengths 5
     # fine-tune the TinyLM of a prepared pair on 8 single-task datasets (k hidden), per LoRA variant
     python benchmarks/world_checks.py finetune --config configs/world/lengths.yaml
+    # both models of a prepared pair on the pair report's mixtures, per LoRA rank and steps
+    python benchmarks/world_checks.py mixtures --config configs/world/lengths.yaml --card CARD --mixtures 0 3 7
 
 Prints a table; writes nothing. Single seeds: a screen, not a measurement.
 """
@@ -108,6 +110,31 @@ def check_finetune(args: argparse.Namespace) -> None:
                   f"{score_model(lm.model, lm.tokenizer, short).accuracy:.3f} |", flush=True)
 
 
+def check_mixtures(args: argparse.Namespace) -> None:
+    from jobs.prepare_pair import report_mixture
+
+    torch.set_num_threads(1)
+    cfg = load_yaml(args.config)
+    card = PairCard.load(args.card or Path(cfg.work_dir) / "pair_card.json")
+    print("| LoRA rank | steps | mixture | tasks | TinyLM ft | LLM ft |\n|---|---|---|---|---|---|")
+    for rank in args.ranks:
+        for steps in args.steps:
+            ft = dataclasses.replace(cfg.finetune, steps=steps, snapshot_steps=[steps])
+            lora = dataclasses.replace(LoraSpec(**card.lora), rank=rank)
+            models = {side: load_with_lora(getattr(card, side).path, lora.for_side(side), getattr(card, side).init_seed)
+                      for side in ("tiny", "llm")}
+            for i in args.mixtures:
+                spec = report_mixture(cfg, i)
+                test = tasks.generate_dataset(spec, split="private_test", n=300)
+                acc = {}
+                for side, lm in models.items():
+                    lm.reset()
+                    finetune(lm, tasks.generate_dataset(spec), ft, seed=spec.seed)
+                    acc[side] = score_model(lm.model, lm.tokenizer, test).accuracy
+                mix = " ".join(f"{t} {w:.2f}" for t, w in spec.mixture.items() if w >= tasks.MIN_WEIGHT)
+                print(f"| {rank} | {steps} | {i + 1} | {mix} | {acc['tiny']:.3f} | {acc['llm']:.3f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,8 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--lr", type=float, default=None)
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--short-only", action="store_true", help="fine-tune on the short inputs only")
+    c = sub.add_parser("mixtures", help="both models of a prepared pair on the report's mixtures, per LoRA rank and steps")
+    c.add_argument("--config", default="configs/world/lengths.yaml")
+    c.add_argument("--card", default=None, help="pair card (default {work_dir}/pair_card.json)")
+    c.add_argument("--mixtures", type=int, nargs="+", default=[0, 1, 2], help="report mixture indices (0-based)")
+    c.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    c.add_argument("--steps", type=int, nargs="+", default=[150, 300])
     args = p.parse_args(argv)
-    check_pretrain(args) if args.cmd == "pretrain" else check_finetune(args)
+    {"pretrain": check_pretrain, "finetune": check_finetune, "mixtures": check_mixtures}[args.cmd](args)
 
 
 if __name__ == "__main__":
