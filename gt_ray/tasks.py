@@ -2,8 +2,8 @@
 
 The generated world (after ``shared/TINY_WORLD.md``): string and arithmetic tasks, each
 with a parameter ``k`` in 0..9 (the default world uses :data:`BASE_TASKS`; the per-character
-map tasks ``shift``, ``mirror``, ``affine`` and ``spell`` take inputs of varying length). Pretraining prompts show ``k`` (``C3:abcde=``);
-fine-tuning prompts hide it (``C?:abcde=``). A dataset (a shadow subset or an
+map tasks ``shift``, ``mirror``, ``affine`` and ``spell`` take inputs of 3 or 8 characters).
+Pretraining prompts show ``k`` (``C3:abcde=``); fine-tuning prompts hide it (``C?:abcde=``). A dataset (a shadow subset or an
 organization's private data) has one secret ``k`` and a Dirichlet mixture over tasks, so
 a LoRA update has to learn the secret, and the translator has to carry it over.
 

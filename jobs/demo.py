@@ -250,8 +250,12 @@ def card_identity(work: Path) -> str | None:
 class Stages:
     """Runs the demo's stages in order, each unless cached; records what it did."""
 
-    def __init__(self, cfg: ExperimentConfig, work: Path, rerun: list[str]) -> None:
+    def __init__(self, cfg: ExperimentConfig, work: Path, rerun: list[str], code: dict[str, Any] | None = None) -> None:
         self.cfg, self.work, self.rerun = cfg, work, set(rerun)
+        # the run's commit, taken once (``code``: the run's provenance, from its start) and
+        # written into every stamp, so a HEAD that moves during the run changes no stamp
+        code = code if code is not None else provenance(cfg)
+        self.code = {k: v for k, v in code.items() if k in ("git_commit", "git_dirty")}
         self.outputs: dict[str, Any] = {}  # stage -> the identity of its output in this run
         self.report: dict[str, dict] = {}  # stage -> status, changed keys, seconds (results.json "stages")
         self.usage: dict[str, dict] = {}
@@ -305,9 +309,8 @@ class Stages:
            core_utilization=self.usage[name]["core_utilization"])
         result_json = json.loads(json.dumps(result, sort_keys=True, default=str)) if keep_result else None
         output = config_hash(result_json, n=16) if keep_result else self.output_now(name, None)
-        code = {k: v for k, v in provenance(self.cfg).items() if k in ("git_commit", "git_dirty")}
         stamp = {"stage": name, "fingerprint": fingerprint(d.values, d.upstream), "reads": d.values,
-                 "upstream": d.upstream, "output": output, "seconds": seconds, "usage": self.usage[name], "code": code,
+                 "upstream": d.upstream, "output": output, "seconds": seconds, "usage": self.usage[name], "code": self.code,
                  **({"result": result_json} if keep_result else {})}
         write_json(stamp_path(self.work, name), stamp)
         self.outputs[name] = output
@@ -383,7 +386,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     out = work_dir(cfg)
     card_path = out / prepare_pair.CARD_FILE
-    stages = Stages(cfg, out, args.rerun)
+    stages = Stages(cfg, out, args.rerun, code)
 
     d = stages.check("pair")
     card = stages.run(d, prepare_pair.load_or_prepare_card, cfg) or PairCard.load(card_path)
