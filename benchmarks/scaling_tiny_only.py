@@ -128,6 +128,9 @@ def main() -> None:
                         "or the updated TinyLM's answers to public probe prompts")
     p.add_argument("--probe-prompts", type=int, default=64, help="probe prompts of --inputs behaviour")
     p.add_argument("--probe-steps", type=int, default=8, help="greedy answer positions per probe prompt")
+    p.add_argument("--input-norm-eps", type=float, default=None,
+                   help="floor on the input side's per-coordinate std (translator.model.input_norm_eps); "
+                        "behaviour inputs need one, their rare probability moves standardize to thousands")
     p.add_argument("--snapshot-stride", type=int, default=1,
                    help="train on every k-th snapshot of each subset (the last kept); 1 = all")
     p.add_argument("--out", default="benchmarks/results/scaling_tiny_only.json")
@@ -137,6 +140,8 @@ def main() -> None:
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
     model_cfg, train_cfg, settings = resolve_settings(cfg, corpus)
+    if args.input_norm_eps is not None:
+        model_cfg = dataclasses.replace(model_cfg, input_norm_eps=args.input_norm_eps)
     if args.epochs:
         train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
     if args.patience:

@@ -115,6 +115,27 @@ def test_normalizer_floors_constant_coordinates():
     assert torch.isfinite(norm.normalize_y(y)).all()
 
 
+def test_normalizer_input_floor_is_separate():
+    """input_norm_eps floors the TinyLM side only: a rare large input move standardizes to a
+    bounded value, and the LLM side keeps its own floor."""
+    x, y = linear_pairs(16, seed=1)
+    x = x / x.std()  # unit-scale inputs: every other coordinate sits above the floor
+    x[:, 0, 0] = 0.0
+    x[0, 0, 0] = 1e-4  # moves on one training row only: std ~2.5e-5
+    y[:, 0, 0] = 0.5
+    norm = Normalizer.fit(x, y, "coordinate", eps=1e-8, x_eps=0.05)
+    assert norm.x_std[0, 0].item() == pytest.approx(0.05)
+    assert norm.y_std[0, 0].item() == pytest.approx(1e-8)
+    assert norm.x_std[1, 1].item() == pytest.approx(x[:, 1, 1].double().std().item(), rel=1e-5)  # above the floor
+    test = x[:1].clone()
+    test[0, 0, 0] = 0.5
+    assert abs(norm.normalize_x(test)[0, 0, 0].item()) < 11
+    unfloored = Normalizer.fit(x, y, "coordinate", eps=1e-8)
+    assert abs(unfloored.normalize_x(test)[0, 0, 0].item()) > 1e3
+    with pytest.raises(ValueError, match="input_norm_eps"):
+        TranslatorConfig(input_norm_eps=0.0)
+
+
 def test_translator_maps_raw_vectors():
     translator = untrained_translator()
     x, _ = linear_pairs(3, seed=5)

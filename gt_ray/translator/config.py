@@ -66,6 +66,10 @@ class TranslatorConfig:
     coordinate, from the training set), "global" (one mean/std per side) or "none"."""
     norm_eps: float = 1e-8
     """Floor on every std of the normalizer, so constant coordinates do not blow up."""
+    input_norm_eps: float | None = None
+    """Floor on the input side's stds alone (None: `norm_eps`). Inputs with rare, large moves
+    (the behaviour matrices' probabilities: a coordinate near 0 on every training row that
+    jumps to 0.5 on a test row) otherwise standardize to values in the thousands."""
     pretrained_t5_path: str | None = None
     """Local T5 directory (config.json + weights) whose encoder/decoder stacks replace the
     random init. Use `TranslatorConfig.from_pretrained_t5` so the widths match it."""
@@ -105,6 +109,8 @@ class TranslatorConfig:
             )
         if not self.norm_eps > 0:
             raise ValueError(f"TranslatorConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if self.input_norm_eps is not None and not self.input_norm_eps > 0:
+            raise ValueError(f"TranslatorConfig.input_norm_eps must be > 0 or None, got {self.input_norm_eps}")
         if self.decoder not in DECODER_MODES:
             raise ValueError(f"TranslatorConfig.decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
         if self.head not in HEADS:

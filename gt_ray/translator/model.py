@@ -62,7 +62,8 @@ class Normalizer(nn.Module):
         self.register_buffer("y_std", y_std.detach().float().contiguous())
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, mode: NormalizationMode, eps: float = 1e-8) -> Normalizer:
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, mode: NormalizationMode, eps: float = 1e-8,
+            x_eps: float | None = None) -> Normalizer:
         """Computes the statistics from training tensors.
 
         Args:
@@ -70,6 +71,7 @@ class Normalizer(nn.Module):
             y: LLM vectors, (N, L_llm, d_llm).
             mode: "coordinate", "global" or "none".
             eps: floor on every std.
+            x_eps: floor on the TinyLM side's stds (None: ``eps``).
 
         Returns:
             The fitted normalizer.
@@ -82,7 +84,7 @@ class Normalizer(nn.Module):
         if x.shape[0] < 2 or y.shape[0] < 2:
             raise ValueError(f"need at least 2 training rows to fit a normalizer, got {x.shape[0]}")
 
-        def stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def stats(t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
             t = t.double()  # sums over many rows lose precision in float32
             if mode == "coordinate":
                 mean, std = t.mean(0), t.std(0)  # (L, d)
@@ -92,7 +94,7 @@ class Normalizer(nn.Module):
                 mean, std = torch.zeros(1, 1, dtype=t.dtype), torch.ones(1, 1, dtype=t.dtype)
             return mean.float(), std.clamp_min(eps).float()
 
-        return cls(mode, *stats(x), *stats(y))
+        return cls(mode, *stats(x, eps if x_eps is None else x_eps), *stats(y, eps))
 
     def normalize_x(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L_tiny, d_tiny) raw -> normalized."""

@@ -313,7 +313,8 @@ def train_translator(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
-        normalizer = Normalizer.fit(train_x, train_y[train_paired], model_config.normalization, model_config.norm_eps)
+        normalizer = Normalizer.fit(train_x, train_y[train_paired], model_config.normalization, model_config.norm_eps,
+                                   model_config.input_norm_eps)
         last_row = {int(s): i for i, s in enumerate(train_subsets.tolist()) if train_paired[i]}  # last paired snapshot
         if model_config.head == "retrieval":
             model_config = dataclasses.replace(model_config, bank_size=len(last_row))
