@@ -107,6 +107,11 @@ def behaviour_inputs(tiny, card, specs, world, train_ids, args):
     def encode(rows):
         t0 = time.perf_counter()
         f = enc.features(rows["tiny"])
+        if args.behaviour_rows:  # the prompts' rows concatenated and cut into behaviour_rows input tokens
+            if (f.shape[1] * f.shape[2]) % args.behaviour_rows:
+                raise SystemExit(f"error: --behaviour-rows {args.behaviour_rows} does not divide the behaviour "
+                                 f"matrix's {f.shape[1]} x {f.shape[2]} values")
+            f = f.reshape(f.shape[0], args.behaviour_rows, -1)
         print(f"behaviour of {f.shape[0]} updates: {time.perf_counter() - t0:.0f} s", flush=True)
         return f
     return encode
@@ -128,6 +133,9 @@ def main() -> None:
                         "or the updated TinyLM's answers to public probe prompts")
     p.add_argument("--probe-prompts", type=int, default=64, help="probe prompts of --inputs behaviour")
     p.add_argument("--probe-steps", type=int, default=8, help="greedy answer positions per probe prompt")
+    p.add_argument("--behaviour-rows", type=int, default=None,
+                   help="--inputs behaviour: cut the concatenated behaviour matrix into this many input tokens "
+                        "(default: one token per probe prompt); must divide prompts x steps x vocabulary")
     p.add_argument("--input-norm-eps", type=float, default=None,
                    help="floor on the input side's per-coordinate std (translator.model.input_norm_eps); "
                         "behaviour inputs need one, their rare probability moves standardize to thousands")
@@ -140,6 +148,8 @@ def main() -> None:
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
     model_cfg, train_cfg, settings = resolve_settings(cfg, corpus)
+    if args.behaviour_rows is not None and (args.inputs != "behaviour" or args.behaviour_rows < 1):
+        raise SystemExit("error: --behaviour-rows needs --inputs behaviour and a positive count")
     if args.input_norm_eps is not None:
         model_cfg = dataclasses.replace(model_cfg, input_norm_eps=args.input_norm_eps)
     if args.epochs:
@@ -217,7 +227,8 @@ def main() -> None:
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
-        probe = {"prompts": args.probe_prompts, "steps": args.probe_steps} if args.inputs == "behaviour" else None
+        probe = ({"prompts": args.probe_prompts, "steps": args.probe_steps, "rows": args.behaviour_rows,
+                  "input_norm_eps": args.input_norm_eps} if args.inputs == "behaviour" else None)
         out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride, "probe": probe,
                "seeds": args.seeds, "subset_budget": args.subset_budget,
                "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
