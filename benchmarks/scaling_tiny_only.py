@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scaling_tiny_only.py [--config configs/tiny.yaml] [--points 0 250 500 1000]
         [--seeds 0 1] [--epochs 60] [--patience 15] [--n-test 100] [--inputs tinylm|code]
-        [--subset-budget 22400]
+        [--subset-budget 22400] [--inputs behaviour --behaviour-rows 2 --input-norm-eps 0.05]
 
 Needs a built corpus (``gt-ray corpus build``) with at least ``max(points)`` TinyLM-only
 training subsets (``corpus.n_tiny_only``). The protocol is the pipeline's
@@ -24,6 +24,13 @@ and function loss, fed an exact code of each subset's secrets and mixture (for e
 its mixture weight in the slot of its behaviourally canonical secret, tiled to the TinyLM
 update's size) in place of the TinyLM update. Can composition be learned at all, and how
 does it scale with subsets, when reading the secret is solved?
+
+``--inputs behaviour`` feeds what the update does instead (`gt_ray.translator.behaviour`):
+the updated TinyLM's next-token probabilities along its greedy answers to public probe
+prompts. By default one input token per prompt; ``--behaviour-rows N`` concatenates them and
+cuts the result into ``N`` wide tokens, as the update's own layer rows are.
+``--input-norm-eps`` floors the input side's per-coordinate std (probabilities near 0 on
+every training row otherwise standardize to thousands on a test row).
 
 Costs: a TinyLM-only and a paired fine-tune of one subset are timed here (one thread), so
 each point's provider compute is corpus CPU-seconds (paired training subsets x pair cost +
