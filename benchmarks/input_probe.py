@@ -38,7 +38,7 @@ from gt_ray.pipeline import final_rows, load_rows, translator_split  # noqa: E40
 from gt_ray.shadow import is_tiny_only  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
-PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)
+PENALTIES = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 MIN_WEIGHT = 0.2
 
 
