@@ -7,8 +7,9 @@ On the scaling bench's split (`gt_ray.pipeline.translator_split`: the paired tra
 plus the first ``--n-tiny-only`` TinyLM-only ones), each subset's final TinyLM snapshot is
 turned into three candidate inputs: the raw update vector, the behaviour matrix of
 `gt_ray.translator.behaviour` (the updated TinyLM's next-token probabilities along its greedy
-answers to public probe prompts, as ``--inputs behaviour`` of the scaling bench draws them)
-and its log. For every task, a one-vs-rest ridge classifier (features standardized on the
+answers to public probe prompts, drawn as ``--inputs behaviour`` of the scaling bench draws
+them but from this split's training subsets, where the scaling bench draws from all of its
+TinyLM-only training subsets) and its log. For every task, a one-vs-rest ridge classifier (features standardized on the
 training rows) is fit on the training subsets where the task weighs >= 0.2 to their
 behaviourally canonical secret; its ridge penalty is chosen on the validation subsets and
 it is scored once on the test subsets. This is the linear half of `gt-ray pair report`'s
@@ -29,13 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling_tiny_only import behaviour_inputs  # noqa: E402
+from scaling_tiny_only import behaviour_inputs, training_split  # noqa: E402
 
 from gt_ray import tasks  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
 from gt_ray.models import load_card_side  # noqa: E402
-from gt_ray.pipeline import final_rows, load_rows, translator_split  # noqa: E402
-from gt_ray.shadow import is_tiny_only  # noqa: E402
+from gt_ray.pipeline import final_rows, load_rows  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
 PENALTIES = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
@@ -76,19 +76,13 @@ def main() -> None:
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
-    train_ids, val_ids, test_ids = translator_split(cfg, corpus)
-    only = [i for i in train_ids if is_tiny_only(i)]
-    if args.n_tiny_only > len(only):
-        raise SystemExit(f"error: the corpus has {len(only)} TinyLM-only training subsets, fewer than {args.n_tiny_only}")
-    ids = [i for i in train_ids if not is_tiny_only(i)] + only[:args.n_tiny_only]
+    paired_train, only_train, val_ids, test_ids = training_split(cfg, corpus, args.n_tiny_only)
+    ids = paired_train + only_train[:args.n_tiny_only]
     specs, world = corpus.subset_specs(), corpus.task_config()
     rows = {name: final_rows(load_rows(corpus, split)) for name, split in
             (("train", ids), ("val", val_ids), ("test", test_ids))}
     t0 = time.perf_counter()
-    # behaviour_inputs reads the probe settings from the scaling bench's argument names
-    encode = behaviour_inputs(load_card_side(card, "tiny"), card, specs, world, ids,
-                              argparse.Namespace(probe_prompts=args.probe_prompts, probe_steps=args.probe_steps,
-                                                 behaviour_rows=None))
+    encode = behaviour_inputs(load_card_side(card, "tiny"), card, specs, world, ids, args.probe_prompts, args.probe_steps)
     behaviour = {name: encode(r) for name, r in rows.items()}
     inputs = {"update": {n: r["tiny"] for n, r in rows.items()},
               "behaviour": behaviour,

@@ -98,27 +98,44 @@ def oracle_code(specs: dict, subset_ids: torch.Tensor, shape: tuple[int, ...]) -
     return torch.stack(rows)
 
 
-def behaviour_inputs(tiny, card, specs, world, train_ids, args):
+def training_split(cfg, corpus, n_tiny_only: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The pipeline's split (`translator_split`) as the benches use it: the paired training
+    subsets, the TinyLM-only training subsets (in order: a point takes the first ``n``), and
+    the validation and test subsets. Exits with a clear message when fewer than
+    ``n_tiny_only`` TinyLM-only training subsets exist."""
+    train_ids, val_ids, test_ids = translator_split(cfg, corpus)
+    paired_train = [i for i in train_ids if not is_tiny_only(i)]
+    only_train = [i for i in train_ids if is_tiny_only(i)]
+    if n_tiny_only > len(only_train):
+        raise SystemExit(f"error: the corpus has {len(only_train)} TinyLM-only training subsets, fewer than "
+                         f"{n_tiny_only}: raise corpus.n_tiny_only and rebuild")
+    return paired_train, only_train, val_ids, test_ids
+
+
+def behaviour_inputs(tiny, card, specs, world, train_ids, prompts: int, steps: int, rows: int | None = None):
     """The rows' behaviour matrices (`gt_ray.translator.behaviour`) under the card's TinyLM
-    ``tiny``: probe prompts drawn from 4 public examples of each training subset, seed 0."""
+    ``tiny``: ``prompts`` probe prompts drawn from 4 public examples of each training subset
+    (seed 0), ``steps`` greedy positions each; with ``rows``, the matrix concatenated and cut
+    into that many input tokens (checked here, before any update is run)."""
     from gt_ray.config import LoraSpec
     from gt_ray.translator.behaviour import BehaviourEncoder, draw_probe_prompts
 
     pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:4]]
-    prompts = draw_probe_prompts(pool, args.probe_prompts, seed=0)
+    drawn = draw_probe_prompts(pool, prompts, seed=0)
     lora = LoraSpec(**card.lora)
-    enc = BehaviourEncoder(tiny, prompts, args.probe_steps, lora.alpha / lora.rank)
+    enc = BehaviourEncoder(tiny, drawn, steps, lora.alpha / lora.rank)
+    n_prompts, width = enc.shape
+    if rows and (n_prompts * width) % rows:
+        raise SystemExit(f"error: --behaviour-rows {rows} does not divide the behaviour matrix's "
+                         f"{n_prompts} x {width} values")
     print(f"behaviour inputs: {enc.shape} per update; probe tasks "
-          f"{sorted((t, sum(p.task == t for p in prompts)) for t in {p.task for p in prompts})}", flush=True)
+          f"{sorted((t, sum(p.task == t for p in drawn)) for t in {p.task for p in drawn})}", flush=True)
 
-    def encode(rows):
+    def encode(batch):
         t0 = time.perf_counter()
-        f = enc.features(rows["tiny"])
-        if args.behaviour_rows:  # the prompts' rows concatenated and cut into behaviour_rows input tokens
-            if (f.shape[1] * f.shape[2]) % args.behaviour_rows:
-                raise SystemExit(f"error: --behaviour-rows {args.behaviour_rows} does not divide the behaviour "
-                                 f"matrix's {f.shape[1]} x {f.shape[2]} values")
-            f = f.reshape(f.shape[0], args.behaviour_rows, -1)
+        f = enc.features(batch["tiny"])
+        if rows:  # the prompts' rows concatenated and cut into `rows` input tokens
+            f = f.reshape(f.shape[0], rows, -1)
         print(f"behaviour of {f.shape[0]} updates: {time.perf_counter() - t0:.0f} s", flush=True)
         return f
     return encode
@@ -163,12 +180,7 @@ def main() -> None:
         train_cfg = dataclasses.replace(train_cfg, max_epochs=args.epochs)
     if args.patience:
         train_cfg = dataclasses.replace(train_cfg, patience=args.patience)
-    train_ids, val_ids, test_ids = translator_split(cfg, corpus)
-    paired_train = [i for i in train_ids if not is_tiny_only(i)]
-    only_train = [i for i in train_ids if is_tiny_only(i)]
-    if max(args.points) > len(only_train):
-        raise SystemExit(f"error: the corpus has {len(only_train)} TinyLM-only training subsets, fewer than "
-                         f"{max(args.points)}: raise corpus.n_tiny_only and rebuild")
+    paired_train, only_train, val_ids, test_ids = training_split(cfg, corpus, max(args.points))
     costs = fine_tune_costs(cfg, card)
     print(f"fine-tune cost per subset: {costs}", flush=True)
 
@@ -190,7 +202,8 @@ def main() -> None:
     te_updates = te["tiny"].clone()
     tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row; behaviour runs it too
     if args.inputs == "behaviour":  # its LoRA hooks bypass the adapter, so scoring with `tiny` does not disturb it
-        code = behaviour_inputs(tiny, card, specs, world, paired_train + only_train, args)
+        code = behaviour_inputs(tiny, card, specs, world, paired_train + only_train,
+                                args.probe_prompts, args.probe_steps, args.behaviour_rows)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)
         model_cfg = model_cfg.with_layouts(L_tiny=va["tiny"].shape[1], d_tiny=va["tiny"].shape[2],
