@@ -60,7 +60,7 @@ from gt_ray.evaluate import score_update  # noqa: E402
 from gt_ray.models import load_card_side  # noqa: E402
 from gt_ray.pipeline import final_rows, function_objective, load_rows, resolve_settings, translator_split  # noqa: E402
 from gt_ray.shadow import finetune_pair, finetune_tiny_only, is_tiny_only, plan_subsets  # noqa: E402
-from gt_ray.stats import paired_bootstrap  # noqa: E402
+from gt_ray.stats import paired_bootstrap, per_task_accuracy  # noqa: E402
 from gt_ray.translator.train import train_translator  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
@@ -194,6 +194,7 @@ def main() -> None:
     paired_combos = {specs[i].combination() for i in paired_train}
     new = [specs[s].combination() not in paired_combos for s in te["subset_id"].tolist()]
     has_true = te["paired"].tolist()
+    mixtures = [specs[s].mixture for s in te["subset_id"].tolist()]
     llm = load_card_side(card, "llm")
     shadow = load_rows(corpus, paired_train)
     nn = NearestNeighbour(k=1).fit(shadow["tiny"], shadow["llm"], shadow["subset_id"])
@@ -246,7 +247,7 @@ def main() -> None:
                   f"val_accuracy={best.get('val_accuracy')} best_epoch={translator.metadata.get('best_epoch')} "
                   f"train_seconds={seconds:.0f}", flush=True)
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
-        points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs))
+        points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs, mixtures))
         probe = ({"prompts": args.probe_prompts, "steps": args.probe_steps, "rows": args.behaviour_rows,
                   "input_norm_eps": args.input_norm_eps} if args.inputs == "behaviour" else None)
         out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride, "probe": probe,
@@ -262,6 +263,10 @@ def main() -> None:
                "n_test": {"paired": sum(has_true), "tiny_only": len(has_true) - sum(has_true), "new": sum(new)},
                "n_test_examples": args.n_test, "fine_tune_costs": costs,
                "baselines": {name: group_means(v, new, has_true) for name, v in scores.items()},
+               # per test subset, so any split can be recomputed: ids, mixtures, each baseline's accuracy
+               "test_subsets": te["subset_id"].tolist(), "test_mixtures": mixtures,
+               "baseline_accuracy_per_subset": scores,
+               "baseline_per_task": {name: split_by_task(mixtures, v) for name, v in scores.items()},
                "points": points, "complete": len(points) == len(args.points), "provenance": provenance(cfg)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every point: a long run keeps what it did
         Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
@@ -276,11 +281,23 @@ def group_means(acc: list[float], new: list[bool], has_true: list[bool]) -> dict
     return {"all": m([True] * len(acc)), "new": m(new), "seen": m([not x for x in new]), "paired": m(has_true)}
 
 
-def summarize_point(n, n_paired, runs, mean_acc, scores, new, has_true, costs) -> dict:
+def split_by_task(mixtures: list[dict], acc: list[float]) -> dict:
+    """Least-squares split of per-subset accuracy by task weight (`gt_ray.stats.per_task_accuracy`),
+    over the subsets with a score (the true update has none on TinyLM-only subsets)."""
+    keep = [i for i, a in enumerate(acc) if a == a]
+    try:
+        return per_task_accuracy([mixtures[i] for i in keep], [acc[i] for i in keep])
+    except ValueError as e:  # too few scored subsets to determine every task
+        return {"skipped": str(e)}
+
+
+def summarize_point(n, n_paired, runs, mean_acc, scores, new, has_true, costs, mixtures) -> dict:
     nn = scores["nearest_neighbour"]
     per_seed = [group_means(r["accuracy"], new, has_true) for r in runs]
     entry = {"n_tiny_only": n, "accuracy": group_means(mean_acc, new, has_true),
              "accuracy_per_seed": per_seed,
+             "accuracy_per_subset": [r["accuracy"] for r in runs],  # per seed, in test_subsets order
+             "per_task": split_by_task(mixtures, mean_acc),
              "minus_nn": {g: paired_bootstrap([a for a, f in zip(mean_acc, flags) if f], [b for b, f in zip(nn, flags) if f])
                           for g, flags in (("all", [True] * len(nn)), ("new", new))},
              "train_seconds": [r["train_seconds"] for r in runs], "best_epoch": [r["best_epoch"] for r in runs],
@@ -308,7 +325,25 @@ def format_table(out: dict) -> str:
     lines.append(f"nearest neighbour: {b['nearest_neighbour']['all']:.3f} (new {b['nearest_neighbour']['new']:.3f}); "
                  f"true LLM update on the paired test subsets: {b['true']['paired']:.3f}; LLM base {b['base']['all']:.3f}"
                  + (f"; TinyLM with its own update {b['tinylm']['all']:.3f} (new {b['tinylm']['new']:.3f})" if "tinylm" in b else ""))
+    lines += per_task_table(out)
     return "\n".join(lines)
+
+
+def per_task_table(out: dict) -> list[str]:
+    """Per-task accuracy (least-squares split by task weight over the test subsets) of the
+    translator at each point and of the baselines; empty for results written before the split."""
+    base = out.get("baseline_per_task")
+    if not base:
+        return []
+    rows = [(f"translator, {p['n_tiny_only']} TinyLM-only", p["per_task"]) for p in out["points"]]
+    rows += [(name, base[name]) for name in ("tinylm", "nearest_neighbour", "true") if name in base]
+    tasks_ = next((list(r) for _, r in rows if "skipped" not in r), [])
+    lines = ["", "Per task (least-squares split of test-subset accuracy by task weight; 'true' on the paired subsets only):",
+             "| method | " + " | ".join(tasks_) + " |", "|---|" + "---|" * len(tasks_)]
+    for name, r in rows:
+        cells = [r["skipped"]] if "skipped" in r else [f"{r[t]:.3f}" for t in tasks_]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
