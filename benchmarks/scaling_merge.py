@@ -13,13 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling_tiny_only import per_task_table, split_by_task  # noqa: E402
 
 
 def merge(runs: dict[str, dict]) -> dict:
     baselines = {json.dumps(r["baselines"], sort_keys=True) for r in runs.values()}
     if len(baselines) != 1:
         raise SystemExit("error: the runs have different baselines: not the same corpus split or test examples")
+    per_subset = all("test_subsets" in r for r in runs.values())  # written since the bench kept per-subset scores
+    if per_subset and len({json.dumps(r["test_subsets"]) for r in runs.values()}) != 1:
+        raise SystemExit("error: the runs score different test subsets")
     points: dict[tuple[int, int], list[tuple[int, dict]]] = {}
     for r in runs.values():
         for p in r["points"]:
@@ -37,9 +44,16 @@ def merge(runs: dict[str, dict]) -> dict:
                      "val_accuracy": [p["val_accuracy"][0] for _, p in seeds],
                      "train_seconds": [p["train_seconds"][0] for _, p in seeds],
                      "provider_cpu_seconds": [p["provider_cpu_seconds"] for _, p in seeds]})
+        if per_subset:  # the per-task split of the mean over seeds, as the bench writes it for one run
+            acc = [p["accuracy_per_subset"][0] for _, p in seeds]
+            mean = [statistics.fmean(a[i] for a in acc) for i in range(len(acc[0]))]
+            rows[-1]["per_task"] = split_by_task(next(iter(runs.values()))["test_mixtures"], mean)
     first = next(iter(runs.values()))
-    return {"points": rows, "baselines": first["baselines"], "n_test": first["n_test"], "n_val": first["n_val"],
-            "n_paired_train": first["n_paired_train"], "runs": runs}
+    out = {"points": rows, "baselines": first["baselines"], "n_test": first["n_test"], "n_val": first["n_val"],
+           "n_paired_train": first["n_paired_train"], "runs": runs}
+    if per_subset:
+        out["baseline_per_task"] = first["baseline_per_task"]
+    return out
 
 
 def main() -> None:
@@ -60,6 +74,7 @@ def main() -> None:
               f"{r['mean_over_seeds']['new']:.3f} | {iv} | {ep} | {' / '.join(f'{s:.0f}' for s in r['train_seconds'])} |")
     print(f"nearest neighbour {b['nearest_neighbour']['all']:.3f} (new {b['nearest_neighbour']['new']:.3f}); "
           f"TinyLM with its own update {b['tinylm']['all']:.3f}; true LLM update (paired) {b['true']['paired']:.3f}")
+    print("\n".join(per_task_table(out)))
 
 
 if __name__ == "__main__":
