@@ -34,7 +34,6 @@ from scaling_tiny_only import behaviour_inputs, training_split  # noqa: E402
 
 from gt_ray import tasks  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
-from gt_ray.models import load_card_side  # noqa: E402
 from gt_ray.pipeline import final_rows, load_rows  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
@@ -75,14 +74,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)
-    card = corpus.card()
     paired_train, only_train, val_ids, test_ids = training_split(cfg, corpus, args.n_tiny_only)
     ids = paired_train + only_train[:args.n_tiny_only]
     specs, world = corpus.subset_specs(), corpus.task_config()
     rows = {name: final_rows(load_rows(corpus, split)) for name, split in
             (("train", ids), ("val", val_ids), ("test", test_ids))}
     t0 = time.perf_counter()
-    encode = behaviour_inputs(load_card_side(card, "tiny"), card, specs, world, ids, args.probe_prompts, args.probe_steps)
+    encode = behaviour_inputs(corpus, ids, args.probe_prompts, args.probe_steps)
     behaviour = {name: encode(r) for name, r in rows.items()}
     inputs = {"update": {n: r["tiny"] for n, r in rows.items()},
               "behaviour": behaviour,

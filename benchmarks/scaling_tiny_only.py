@@ -58,9 +58,11 @@ from gt_ray.baselines import NearestNeighbour  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
 from gt_ray.evaluate import score_update  # noqa: E402
 from gt_ray.models import load_card_side  # noqa: E402
-from gt_ray.pipeline import final_rows, function_objective, load_rows, resolve_settings, translator_split  # noqa: E402
+from gt_ray.pipeline import (behaviour_input, final_rows, function_objective, load_rows, resolve_settings,  # noqa: E402
+                             translator_split)
 from gt_ray.shadow import finetune_pair, finetune_tiny_only, is_tiny_only, plan_subsets  # noqa: E402
 from gt_ray.stats import paired_bootstrap, per_task_accuracy  # noqa: E402
+from gt_ray.translator.config import TranslatorConfig  # noqa: E402
 from gt_ray.translator.train import train_translator  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
@@ -112,30 +114,24 @@ def training_split(cfg, corpus, n_tiny_only: int) -> tuple[list[int], list[int],
     return paired_train, only_train, val_ids, test_ids
 
 
-def behaviour_inputs(tiny, card, specs, world, train_ids, prompts: int, steps: int, rows: int | None = None):
-    """The rows' behaviour matrices (`gt_ray.translator.behaviour`) under the card's TinyLM
-    ``tiny``: ``prompts`` probe prompts drawn from 4 public examples of each training subset
-    (seed 0), ``steps`` greedy positions each; with ``rows``, the matrix concatenated and cut
-    into that many input tokens (checked here, before any update is run)."""
-    from gt_ray.config import LoraSpec
-    from gt_ray.translator.behaviour import BehaviourEncoder, draw_probe_prompts
-
-    pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:4]]
-    drawn = draw_probe_prompts(pool, prompts, seed=0)
-    lora = LoraSpec(**card.lora)
-    enc = BehaviourEncoder(tiny, drawn, steps, lora.alpha / lora.rank)
-    n_prompts, width = enc.shape
-    if rows and (n_prompts * width) % rows:
-        raise SystemExit(f"error: --behaviour-rows {rows} does not divide the behaviour matrix's "
-                         f"{n_prompts} x {width} values")
+def behaviour_inputs(corpus, train_ids, prompts: int, steps: int, rows: int | None = None):
+    """The rows' behaviour tokens as the pipeline's ``input: behaviour`` makes them
+    (`gt_ray.pipeline.behaviour_input`: ``prompts`` probe prompts drawn from 4 public examples
+    of each training subset, seed 0, ``steps`` greedy positions each), cut into ``rows`` input
+    tokens (default: one per prompt); a ``rows`` that does not divide the matrix exits at once."""
+    cfg = TranslatorConfig(input="behaviour", behaviour_prompts=prompts, behaviour_steps=steps,
+                           behaviour_rows=rows or prompts)
+    try:
+        enc = behaviour_input(corpus, cfg, train_ids)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    drawn = enc.prompts
     print(f"behaviour inputs: {enc.shape} per update; probe tasks "
           f"{sorted((t, sum(p.task == t for p in drawn)) for t in {p.task for p in drawn})}", flush=True)
 
     def encode(batch):
         t0 = time.perf_counter()
-        f = enc.features(batch["tiny"])
-        if rows:  # the prompts' rows concatenated and cut into `rows` input tokens
-            f = f.reshape(f.shape[0], rows, -1)
+        f = enc(batch["tiny"])
         print(f"behaviour of {f.shape[0]} updates: {time.perf_counter() - t0:.0f} s", flush=True)
         return f
     return encode
@@ -201,9 +197,9 @@ def main() -> None:
     fixed = {"nearest_neighbour": nn.predict(te["tiny"]), "base": torch.zeros_like(te["llm"])}
     code = (lambda rows: oracle_code(specs, rows["subset_id"], tuple(rows["tiny"].shape[1:]))) if args.inputs == "code" else None
     te_updates = te["tiny"].clone()
-    tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row; behaviour runs it too
-    if args.inputs == "behaviour":  # its LoRA hooks bypass the adapter, so scoring with `tiny` does not disturb it
-        code = behaviour_inputs(tiny, card, specs, world, paired_train + only_train,
+    tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row
+    if args.inputs == "behaviour":
+        code = behaviour_inputs(corpus, paired_train + only_train,
                                 args.probe_prompts, args.probe_steps, args.behaviour_rows)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)

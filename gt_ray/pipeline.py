@@ -83,7 +83,8 @@ def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device
             other layouts (fingerprints).
     """
     corpus = Corpus(cfg.corpus_dir)
-    return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints, device=device)
+    return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints, device=device,
+                                   tiny=lambda: load_card_side(corpus.card(), "tiny"))
 
 
 def load_translators(cfg: ExperimentConfig, corpus: Corpus, device: str | torch.device = "cpu") -> dict:
@@ -95,7 +96,8 @@ def load_translators(cfg: ExperimentConfig, corpus: Corpus, device: str | torch.
     Raises:
         ValueError: a missing checkpoint (run `gt-ray translator train`) or one for other layouts.
     """
-    return {s: load_translator(translator_dir(cfg, s), expected_fingerprints=corpus.fingerprints, device=device)
+    return {s: load_translator(translator_dir(cfg, s), expected_fingerprints=corpus.fingerprints, device=device,
+                               tiny=lambda: load_card_side(corpus.card(), "tiny"))
             for s in translator_seeds(cfg)}
 
 
@@ -218,9 +220,49 @@ def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Co
     """
     device = kwargs.get("device", "cpu")
     objective = function_objective(corpus, train_ids, val_ids, train_cfg, device)
-    return train_translator(tr["tiny"], tr["llm"], va["tiny"], va["llm"], train_cfg, model_cfg,
+    x_tr, x_va, encoder = tr["tiny"], va["tiny"], None
+    if model_cfg.input == "behaviour":  # the translator reads what each update makes the TinyLM do
+        encoder = behaviour_input(corpus, model_cfg, train_ids)
+        x_tr, x_va = encode_rows(encoder, x_tr), encode_rows(encoder, x_va)
+        model_cfg = model_cfg.with_layouts(L_tiny=encoder.shape[0], d_tiny=encoder.shape[1],
+                                           L_llm=model_cfg.L_llm, d_llm=model_cfg.d_llm)
+    return train_translator(x_tr, tr["llm"], x_va, va["llm"], train_cfg, model_cfg,
                             train_subsets=tr["subset_id"], val_subsets=va["subset_id"], function=objective,
-                            train_paired=tr.get("paired"), val_paired=va.get("paired"), **kwargs)
+                            train_paired=tr.get("paired"), val_paired=va.get("paired"), input_encoder=encoder,
+                            **kwargs)
+
+
+PROBE_EXAMPLES_PER_SUBSET = 4
+"""``input: behaviour``: public examples of each training subset in the probe-prompt pool."""
+
+
+def behaviour_input(corpus: Corpus, model_cfg: TranslatorConfig, train_ids: list[int], seed: int = 0):
+    """The input encoder of ``input: behaviour`` (`gt_ray.translator.behaviour.BehaviourInput`):
+    the card's TinyLM, ``model_cfg.behaviour_prompts`` probe prompts drawn (``seed``) from
+    the first `PROBE_EXAMPLES_PER_SUBSET` public examples of each training subset.
+
+    Raises:
+        ValueError: too few distinct prompts, or ``behaviour_rows`` that does not divide the
+            behaviour matrix.
+    """
+    from gt_ray.translator.behaviour import BehaviourInput, draw_probe_prompts
+
+    card = corpus.card()
+    specs, world = corpus.subset_specs(), corpus.task_config()
+    pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:PROBE_EXAMPLES_PER_SUBSET]]
+    lora = LoraSpec(**card.lora)
+    return BehaviourInput(load_card_side(card, "tiny"), draw_probe_prompts(pool, model_cfg.behaviour_prompts, seed),
+                          model_cfg.behaviour_steps, model_cfg.behaviour_rows, lora.alpha / lora.rank)
+
+
+def encode_rows(encoder, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``encoder`` over raw updates ``(N, L, d)`` in chunks, with a progress line per ~10%."""
+    out, step = [], max(chunk, (x.shape[0] // 10 // chunk + 1) * chunk)
+    for c in range(0, x.shape[0], chunk):
+        out.append(encoder(x[c:c + chunk]))
+        if (c + chunk) % step == 0 or c + chunk >= x.shape[0]:
+            logger.info("behaviour inputs: %d / %d updates", min(c + chunk, x.shape[0]), x.shape[0])
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- held-out scoring

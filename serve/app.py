@@ -226,11 +226,12 @@ class Translator:
         torch.set_num_threads(threads)
         pair = PairCard.load(card)
         self.model = load_translator(checkpoint, expected_fingerprints={"tiny": pair.tiny.layout_fingerprint,
-                                                                         "llm": pair.llm.layout_fingerprint})
+                                                                         "llm": pair.llm.layout_fingerprint},
+                                     tiny=lambda: load_card_side(pair, "tiny"))  # for input: behaviour
         cfg = self.model.config
         want = ((pair.tiny.n_layers, pair.tiny.d_layer), (pair.llm.n_layers, pair.llm.d_layer))
-        if ((cfg.L_tiny, cfg.d_tiny), (cfg.L_llm, cfg.d_llm)) != want:
-            raise ValueError(f"translator {checkpoint} maps {(cfg.L_tiny, cfg.d_tiny)} -> {(cfg.L_llm, cfg.d_llm)}, "
+        if (tuple(self.model.input_shape), (cfg.L_llm, cfg.d_llm)) != want:
+            raise ValueError(f"translator {checkpoint} maps {tuple(self.model.input_shape)} -> {(cfg.L_llm, cfg.d_llm)}, "
                              f"the card needs {want[0]} -> {want[1]}")
         self.max_ongoing_requests = max_ongoing_requests
         self.settings = BatchSettings()

@@ -56,3 +56,36 @@ def test_rows_of_both_kinds_carry_a_paired_flag(world):
     assert float(tr["tiny"][only].abs().max()) > 0  # the TinyLM update is real
     again = load_rows(corpus, [i for i in train_ids if i < shadow.TINY_ONLY_BASE])
     assert bool(again["paired"].all())
+
+
+def test_a_behaviour_input_translator_trains_translates_raw_updates_and_reloads_with_the_tinylm(world, tmp_path):
+    import dataclasses
+
+    from gt_ray.pipeline import fit, resolve_settings
+    from gt_ray.translator.checkpoint import load_translator, save_translator
+
+    cfg, corpus = world
+    tr, va, train_ids, val_ids = load_split(cfg, corpus)
+    model_cfg, train_cfg, _ = resolve_settings(cfg, corpus)
+    model_cfg = dataclasses.replace(model_cfg, input="behaviour", behaviour_prompts=6, behaviour_steps=2,
+                                    behaviour_rows=2, d_model=32, d_ff=64, num_heads=2, num_layers=1)
+    train_cfg = dataclasses.replace(train_cfg, objective="function", max_epochs=2, examples_per_subset=2, batch_size=8)
+    translator, history = fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg)
+    assert len(history) == 2
+    enc = translator.input_encoder
+    assert translator.config.input == "behaviour" and (translator.config.L_tiny, translator.config.d_tiny) == enc.shape
+    assert enc.shape[0] == 2 and enc.shape[1] * 2 == 6 * 2 * enc.encoder.vocab  # 6 prompts x 2 steps, 2 tokens
+    assert translator.input_shape == corpus.tiny_shape  # it takes raw updates, as an update-input one does
+    y = translator.translate(va["tiny"][:3])
+    assert y.shape == (3, *corpus.llm_shape) and torch.isfinite(y).all()
+    assert not torch.allclose(y[0], y[1])  # other updates, other behaviour, other outputs
+    with pytest.raises(ValueError, match="x must be"):
+        translator.translate(va["tiny"][:2, :, :-1])
+
+    save_translator(translator, tmp_path / "ckpt", {"fingerprints": corpus.fingerprints})
+    with pytest.raises(ValueError, match="reads the TinyLM's behaviour"):
+        load_translator(tmp_path / "ckpt")
+    again = load_translator(tmp_path / "ckpt", expected_fingerprints=corpus.fingerprints,
+                            tiny=lambda: load_card_side(corpus.card(), "tiny"))
+    assert [p.prompt for p in again.input_encoder.prompts] == [p.prompt for p in enc.prompts]
+    torch.testing.assert_close(again.translate(va["tiny"][:3]), y)

@@ -55,3 +55,24 @@ def test_features_are_the_greedy_answers_of_the_tinylm_with_each_update_applied(
                 torch.testing.assert_close(probs[j, i, t], p, rtol=1e-4, atol=1e-5)
                 ids = torch.cat([ids, p.argmax().view(1, 1)], dim=1)
     tiny.reset()
+
+
+def test_behaviour_input_cuts_the_matrix_into_rows_and_round_trips(tiny):
+    from gt_ray.translator.behaviour import BehaviourInput
+
+    prompts = _prompts(4)
+    enc = BehaviourInput(tiny, prompts, steps=2, rows=2, scale=8.0)
+    assert enc.update_shape == tuple(tiny.layout.shape)
+    assert enc.shape == (2, 4 * 2 * enc.encoder.vocab // 2)
+    torch.manual_seed(1)
+    updates = torch.randn(3, *tiny.layout.shape) * 0.3
+    tokens = enc(updates)
+    torch.testing.assert_close(tokens, enc.encoder.features(updates).reshape(3, *enc.shape))
+    again = BehaviourInput.from_dict(enc.to_dict(), tiny)
+    assert again.prompts == prompts and again.to_dict() == enc.to_dict()
+    torch.testing.assert_close(again(updates), tokens)
+    with pytest.raises(ValueError, match="must divide"):
+        BehaviourInput(tiny, prompts, steps=2, rows=7 * 4 * 2 * enc.encoder.vocab + 1, scale=8.0)
+    with pytest.raises(ValueError, match="update layout"):
+        BehaviourInput.from_dict({**enc.to_dict(), "update_shape": [1, 2]}, tiny)
+    tiny.reset()

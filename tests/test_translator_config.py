@@ -27,6 +27,8 @@ def test_config_dict_round_trip():
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"normalization": "batch"}, "normalization must be one of"),
         ({"feed_forward_proj": "fancy-gelu"}, "feed_forward_proj"),
+        ({"input": "logits"}, "input must be one of"),
+        ({"behaviour_rows": 0}, "behaviour_rows must be a positive int"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):

@@ -10,7 +10,7 @@ from transformers import T5Config, T5Model
 from gt_ray.translator.config import TranslatorConfig
 from gt_ray.translator.model import GradTransformer, Normalizer
 from tests.translator_helpers import (D_LLM, D_TINY, L_LLM, L_TINY, linear_pairs, one_thread,  # noqa: F401
-                                      tiny_model, untrained_translator)
+                                      tiny_config, tiny_model, untrained_translator)
 
 
 def test_output_shapes():
@@ -152,3 +152,31 @@ def test_translator_maps_raw_vectors():
 def test_model_needs_the_layouts():
     with pytest.raises(ValueError, match="needs the vector layouts"):
         GradTransformer(TranslatorConfig(d_model=32, num_heads=4))
+
+
+def test_an_input_encoder_is_required_by_behaviour_input_and_refused_otherwise():
+    from gt_ray.translator.model import Translator
+
+    class Doubling:  # stands in for gt_ray.translator.behaviour.BehaviourInput: (B, 3, 5) updates -> tokens
+        update_shape = (3, 5)
+        shape = (L_TINY, D_TINY)
+
+        def __call__(self, u):
+            return u.flatten(1)[:, :1].repeat(1, L_TINY * D_TINY).reshape(-1, L_TINY, D_TINY) * 2
+
+    x, y = linear_pairs(8, seed=0)
+    cfg = tiny_config(input="behaviour")
+    normalizer = Normalizer.fit(x, y, cfg.normalization, cfg.norm_eps)
+    with pytest.raises(ValueError, match="needs an input encoder"):
+        Translator(cfg, GradTransformer(cfg), normalizer)
+    with pytest.raises(ValueError, match="takes no input encoder"):
+        Translator(tiny_config(), GradTransformer(tiny_config()), normalizer, input_encoder=Doubling())
+    wrong = type("Wrong", (Doubling,), {"shape": (L_TINY + 1, D_TINY)})()
+    with pytest.raises(ValueError, match="input encoder makes"):
+        Translator(cfg, GradTransformer(cfg), normalizer, input_encoder=wrong)
+    t = Translator(cfg, GradTransformer(cfg), normalizer, input_encoder=Doubling()).eval()
+    assert t.input_shape == (3, 5)
+    u = torch.randn(2, 3, 5)
+    assert_close(t.translate(u), t.normalizer.denormalize_y(t.model.translate(t.normalizer.normalize_x(Doubling()(u)))))
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, 5\)"):
+        t.translate(torch.randn(2, L_TINY, D_TINY))

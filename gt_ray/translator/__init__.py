@@ -8,6 +8,9 @@
   `train_translator`.
 - `gt_ray.translator.function_loss`: the function objective (the LLM's answer loss with a
   generated update plugged in).
+- `gt_ray.translator.behaviour`: ``input: behaviour``, the translator reading what an update
+  makes the provider's TinyLM do (its answers to public probe prompts) instead of its
+  coordinates.
 - `gt_ray.translator.checkpoint`: the one writer and the readers of a checkpoint directory
   (weights, `translator.json`, `history.json`, `input_norms.json`).
 

@@ -18,6 +18,7 @@ greedy decoding needs no padding.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -98,3 +99,63 @@ class BehaviourEncoder:
                         out[c:c + S, pos, t] = probs.view(S, len(pos), -1)
                         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         return out.flatten(2)
+
+
+class BehaviourInput:
+    """The translator's input encoder for ``input: behaviour``: raw TinyLM update vectors in,
+    behaviour tokens out (the behaviour matrix of each update, its prompts' rows concatenated
+    and cut into ``rows`` tokens).
+
+    The checkpoint stores it (`to_dict`: the prompts, steps, rows, LoRA scale and update
+    layout); loading needs the pair's TinyLM again (`from_dict`).
+
+    Args:
+        tiny: the card's TinyLM with its LoRA init attached (frozen here).
+        prompts: the probe prompts.
+        steps: greedy answer positions recorded per prompt.
+        rows: input tokens per update.
+        scale: LoRA alpha / rank.
+
+    Raises:
+        ValueError: when ``rows`` does not divide prompts x steps x vocabulary.
+    """
+
+    KIND = "behaviour"
+
+    def __init__(self, tiny: LoadedModel, prompts: Sequence[Example], steps: int, rows: int, scale: float) -> None:
+        self.encoder = BehaviourEncoder(tiny, prompts, steps, scale)
+        self.prompts, self.steps, self.rows, self.scale = list(prompts), steps, rows, scale
+        n_prompts, width = self.encoder.shape
+        if rows < 1 or (n_prompts * width) % rows:
+            raise ValueError(f"behaviour rows {rows} must divide the behaviour matrix's {n_prompts} x {width} values")
+        self.update_shape = tuple(tiny.layout.shape)
+        """One raw update's (layers, width): what `__call__` accepts."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """One update's behaviour tokens: (rows, prompts x steps x vocabulary / rows)."""
+        n_prompts, width = self.encoder.shape
+        return self.rows, n_prompts * width // self.rows
+
+    def __call__(self, updates: torch.Tensor) -> torch.Tensor:
+        """(S, L_tiny, d_tiny) raw updates -> (S, rows, width) behaviour tokens, float32."""
+        return self.encoder.features(updates).reshape(updates.shape[0], *self.shape)
+
+    def to_dict(self) -> dict:
+        """JSON-able: what `from_dict` needs beside the TinyLM."""
+        return {"kind": self.KIND, "steps": self.steps, "rows": self.rows, "scale": self.scale,
+                "update_shape": list(self.update_shape), "prompts": [dataclasses.asdict(p) for p in self.prompts]}
+
+    @classmethod
+    def from_dict(cls, data: dict, tiny: LoadedModel) -> BehaviourInput:
+        """Rebuilds the encoder from `to_dict`'s output and the pair's TinyLM.
+
+        Raises:
+            ValueError: another kind, or a TinyLM whose update layout differs from the stored one.
+        """
+        if data.get("kind") != cls.KIND:
+            raise ValueError(f"not a behaviour input: kind {data.get('kind')!r}")
+        if list(tiny.layout.shape) != list(data["update_shape"]):
+            raise ValueError(f"the TinyLM's update layout {tuple(tiny.layout.shape)} differs from the "
+                             f"checkpoint's {tuple(data['update_shape'])}")
+        return cls(tiny, [Example(**p) for p in data["prompts"]], data["steps"], data["rows"], data["scale"])

@@ -3,8 +3,9 @@
 A checkpoint is a directory (a path or a URI, see `gt_ray.storage`) holding
 
 - `model.safetensors` (MODEL_FILENAME): the weights and the normalizer statistics;
-- `translator.json` (CONFIG_FILENAME): format version, translator / T5 / train configs and
-  metadata (pair-card fingerprints, provenance), sorted keys;
+- `translator.json` (CONFIG_FILENAME): format version, translator / T5 / train configs,
+  metadata (pair-card fingerprints, provenance) and, with ``input: behaviour``, the probe
+  prompts and settings (`input`; loading then needs the pair's TinyLM), sorted keys;
 - `history.json` (HISTORY_FILENAME): one dict per training epoch, when training wrote it;
 - `input_norms.json` (NORM_BOUND_FILE): the norms of the corpus' TinyLM updates, from which
   the service bounds what it accepts (`gt_ray.wire.NormBound`).
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -30,6 +31,9 @@ from gt_ray import storage
 from gt_ray.translator.config import TrainConfig, TranslatorConfig
 from gt_ray.translator.model import GradTransformer, Normalizer, Translator
 from gt_ray.wire import DEFAULT_OUTLIER_FACTOR, NormBound
+
+if TYPE_CHECKING:
+    from gt_ray.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,8 @@ def save_translator(
         "train_config": None if translator.train_config is None else translator.train_config.to_dict(),
         "normalization": translator.normalizer.mode,
         "metadata": metadata,
+        # with input: behaviour, the probe prompts and settings (loading needs the TinyLM again)
+        "input": None if translator.input_encoder is None else translator.input_encoder.to_dict(),
     }
     try:
         text = json.dumps(document, sort_keys=True, indent=2, allow_nan=False)
@@ -152,6 +158,7 @@ def load_translator(
     directory: str | Path,
     expected_fingerprints: Mapping[str, str] | None = None,
     device: str | torch.device = "cpu",
+    tiny: Callable[[], LoadedModel] | None = None,
 ) -> Translator:
     """Restores a translator written by `save_translator`, in eval mode.
 
@@ -160,13 +167,15 @@ def load_translator(
         expected_fingerprints: {name: fingerprint} that must equal the stored
             `metadata["fingerprints"]` for every given name.
         device: where to put the weights.
+        tiny: returns the pair's TinyLM (with its LoRA init); called only for a checkpoint
+            with ``input: behaviour``, whose input encoder runs it.
 
     Returns:
         The translator; `translator.metadata` holds the stored metadata.
 
     Raises:
         ValueError: if a file is missing, the format is unknown, a fingerprint differs
-            or the weights do not fit the config.
+            or the weights do not fit the config, or a behaviour-input checkpoint without ``tiny``.
     """
     for name in (CONFIG_FILENAME, MODEL_FILENAME):
         if not storage.is_file(storage.join(directory, name)):
@@ -208,7 +217,16 @@ def load_translator(
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise ValueError(f"translator checkpoint {directory} does not fit its config: {err}") from err
-    translator = Translator(config, model, normalizer, train_config=train_config, metadata=metadata)
+    encoder = None
+    if document.get("input") is not None:  # input: behaviour
+        if tiny is None:
+            raise ValueError(f"translator checkpoint {directory} reads the TinyLM's behaviour: "
+                             "load it with the pair's TinyLM (load_translator(..., tiny=...))")
+        from gt_ray.translator.behaviour import BehaviourInput  # loads the TinyLM's model code only when needed
+
+        encoder = BehaviourInput.from_dict(document["input"], tiny())
+    translator = Translator(config, model, normalizer, train_config=train_config, metadata=metadata,
+                            input_encoder=encoder)
     logger.info("loaded translator from %s", directory)
     return translator.to(device).eval()
 

@@ -19,6 +19,8 @@ DecoderMode = Literal["autoregressive", "parallel"]
 DECODER_MODES = ("autoregressive", "parallel")
 OBJECTIVES = ("mse", "function")
 HEADS = ("direct", "retrieval")
+InputMode = Literal["update", "behaviour"]
+INPUT_MODES = ("update", "behaviour")
 SELECT_ON = ("nll", "accuracy")
 LAYOUT_FIELDS = ("d_tiny", "L_tiny", "d_llm", "L_llm")
 """The vector layouts: taken from the corpus (or the data), never from a YAML."""
@@ -36,11 +38,12 @@ class TranslatorConfig:
     """Architecture of a Grad-Transformer and the vector layouts it maps between."""
 
     d_tiny: int | None = None
-    """Width of one TinyLM layer token (flattened LoRA matrices of one layer). None until
-    the layouts are known (a YAML's translator section leaves them to the corpus, see
-    `with_layouts`); a model needs all four."""
+    """Width of one encoder input token: one TinyLM layer's flattened LoRA matrices (with
+    ``input: behaviour``, one behaviour token). None until the layouts are known (a YAML's
+    translator section leaves them to the corpus, see `with_layouts`); a model needs all four."""
     L_tiny: int | None = None
-    """Number of TinyLM layers, i.e. encoder sequence length."""
+    """Number of encoder input tokens: the TinyLM's layers (``behaviour_rows`` with
+    ``input: behaviour``)."""
     d_llm: int | None = None
     """Width of one LLM layer token."""
     L_llm: int | None = None
@@ -84,6 +87,19 @@ class TranslatorConfig:
     a learned residual, so the output starts as a mixture of valid updates."""
     bank_size: int = 0
     """Retrieval head: number of stored training updates (set by training from the data)."""
+    input: InputMode = "update"
+    """What the encoder reads. "update": the TinyLM update's layer rows. "behaviour": what the
+    update does, the updated TinyLM's next-token probabilities along its greedy answers to
+    ``behaviour_prompts`` public probe prompts (`gt_ray.translator.behaviour`), cut into
+    ``behaviour_rows`` tokens; the provider computes it with its TinyLM in training and in
+    the service, and the translator still maps an update to an update."""
+    behaviour_prompts: int = 64
+    """``input: behaviour``: probe prompts, drawn from the training subsets' public examples."""
+    behaviour_steps: int = 8
+    """``input: behaviour``: greedy answer positions recorded per prompt."""
+    behaviour_rows: int = 2
+    """``input: behaviour``: input tokens the behaviour matrix is cut into (must divide
+    prompts x steps x vocabulary). One token per prompt learnt nothing (docs/world.md)."""
 
     def __post_init__(self) -> None:
         for name in (*LAYOUT_FIELDS, "d_model", "num_layers", "num_heads", "d_ff"):
@@ -117,6 +133,12 @@ class TranslatorConfig:
             raise ValueError(f"TranslatorConfig.head must be one of {HEADS}, got {self.head!r}")
         if self.head == "retrieval" and self.decoder != "parallel":
             raise ValueError("TranslatorConfig.head 'retrieval' needs decoder 'parallel'")
+        if self.input not in INPUT_MODES:
+            raise ValueError(f"TranslatorConfig.input must be one of {INPUT_MODES}, got {self.input!r}")
+        for name in ("behaviour_prompts", "behaviour_steps", "behaviour_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TranslatorConfig.{name} must be a positive int, got {value!r}")
         if self.bank_size < 0:
             raise ValueError(f"TranslatorConfig.bank_size must be >= 0, got {self.bank_size}")
         act = self.feed_forward_proj.split("-")

@@ -372,6 +372,9 @@ class Translator(nn.Module):
         normalizer: the training-set statistics.
         train_config: how it was trained, when known.
         metadata: extra metadata (pair-card fingerprints, provenance) from a checkpoint.
+        input_encoder: with ``config.input == "behaviour"``, the map from raw TinyLM updates to
+            the encoder's input tokens (`gt_ray.translator.behaviour.BehaviourInput`: it runs
+            the provider's TinyLM, on the CPU); None reads the updates as they are.
     """
 
     def __init__(
@@ -381,15 +384,30 @@ class Translator(nn.Module):
         normalizer: Normalizer,
         train_config: TrainConfig | None = None,
         metadata: Mapping[str, Any] | None = None,
+        input_encoder: Any = None,
     ) -> None:
         super().__init__()
         if normalizer.mode != config.normalization:
             raise ValueError(f"normalizer mode {normalizer.mode!r} != config.normalization {config.normalization!r}")
+        if (config.input == "behaviour") != (input_encoder is not None):
+            raise ValueError(f"translator input {config.input!r} "
+                             + ("needs an input encoder" if input_encoder is None else "takes no input encoder"))
+        if input_encoder is not None and tuple(input_encoder.shape) != (config.L_tiny, config.d_tiny):
+            raise ValueError(f"the input encoder makes {tuple(input_encoder.shape)} tokens, the model reads "
+                             f"{(config.L_tiny, config.d_tiny)}")
+        self.input_encoder = input_encoder
         self.config = config
         self.model = model
         self.normalizer = normalizer
         self.train_config = train_config
         self.metadata = dict(metadata or {})
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """One raw TinyLM update's (layers, width), what `translate` accepts."""
+        if self.input_encoder is not None:
+            return tuple(self.input_encoder.update_shape)
+        return self.config.L_tiny, self.config.d_tiny
 
     @torch.no_grad()
     def translate(self, x: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
@@ -399,7 +417,7 @@ class Translator(nn.Module):
         dropout stays active.
 
         Args:
-            x: (B, L_tiny, d_tiny) or a single (L_tiny, d_tiny) vector, finite.
+            x: (B, L, d) or a single (L, d) raw update (`input_shape`), finite.
             use_cache: decode with the KV cache (see `GradTransformer.translate`).
 
         Returns:
@@ -410,13 +428,14 @@ class Translator(nn.Module):
         """
         single = x.ndim == 2
         x = x.unsqueeze(0) if single else x
-        if x.ndim != 3 or tuple(x.shape[1:]) != (self.config.L_tiny, self.config.d_tiny):
-            raise ValueError(
-                f"x must be (B, {self.config.L_tiny}, {self.config.d_tiny}), got {tuple(x.shape)}"
-            )
-        x = x.to(device=self.normalizer.x_mean.device, dtype=torch.float32)
+        L, d = self.input_shape
+        if x.ndim != 3 or tuple(x.shape[1:]) != (L, d):
+            raise ValueError(f"x must be (B, {L}, {d}), got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x holds non-finite values")
+        if self.input_encoder is not None:  # raw updates -> what they make the TinyLM do
+            x = self.input_encoder(x.detach().float().cpu())
+        x = x.to(device=self.normalizer.x_mean.device, dtype=torch.float32)
         y = self.normalizer.denormalize_y(self.model.translate(self.normalizer.normalize_x(x), use_cache))
         return y[0] if single else y  # (B, L_llm, d_llm)
 

@@ -243,6 +243,7 @@ def train_translator(
     function: Any = None,
     train_paired: torch.Tensor | None = None,
     val_paired: torch.Tensor | None = None,
+    input_encoder: Any = None,
 ) -> tuple[Translator, list[dict[str, float]]]:
     """Trains a translator with early stopping on a validation loss; returns the best weights.
 
@@ -277,6 +278,9 @@ def train_translator(
             Default: every row paired.
         val_paired: (M,) bool, the same for validation rows (validation MSE on paired rows;
             answer scores on every validation subset).
+        input_encoder: with ``model_config.input == "behaviour"``, the encoder that made
+            ``train_x`` / ``val_x`` (behaviour tokens) from raw updates; the returned translator
+            keeps it, so it translates raw updates.
 
     Returns:
         (translator in eval mode on `device`, history): one dict per epoch with epoch,
@@ -402,7 +406,7 @@ def train_translator(
 
     if stopper.best_state is not None:
         core.load_state_dict(stopper.best_state)
-    translator = Translator(model_config, core, normalizer.to(device), train_config=cfg)
+    translator = Translator(model_config, core, normalizer.to(device), train_config=cfg, input_encoder=input_encoder)
     best = stopper.best_loss if math.isfinite(stopper.best_loss) else None
     translator.metadata.update({"best_epoch": stopper.best_epoch, "best_val_loss": best,
                                 "selected_on": f"val_answer_{cfg.select_on}" if function is not None else "val_mse"})
