@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling_tiny_only import per_task_table, split_by_task  # noqa: E402
 
+from gt_ray.stats import paired_bootstrap  # noqa: E402
+
 
 def merge(runs: dict[str, dict]) -> dict:
     baselines = {json.dumps(r["baselines"], sort_keys=True) for r in runs.values()}
@@ -47,7 +49,16 @@ def merge(runs: dict[str, dict]) -> dict:
         if per_subset:  # the per-task split of the mean over seeds, as the bench writes it for one run
             acc = [p["accuracy_per_subset"][0] for _, p in seeds]
             mean = [statistics.fmean(a[i] for a in acc) for i in range(len(acc[0]))]
-            rows[-1]["per_task"] = split_by_task(next(iter(runs.values()))["test_mixtures"], mean)
+            first = next(iter(runs.values()))
+            rows[-1]["per_task"] = split_by_task(first["test_mixtures"], mean)
+            # the mean over seeds against the organization's own TinyLM and against NN: on the new
+            # combinations where the runs recorded which those are, else on every test subset
+            group = "new" if "test_new" in first else "all"
+            keep = first.get("test_new") or [True] * len(mean)
+            rows[-1][f"mean_of_seeds_minus_{group}"] = {
+                b: paired_bootstrap([a for a, f in zip(mean, keep) if f],
+                                    [x for x, f in zip(first["baseline_accuracy_per_subset"][b], keep) if f])
+                for b in ("tinylm", "nearest_neighbour")}
     first = next(iter(runs.values()))
     out = {"points": rows, "baselines": first["baselines"], "n_test": first["n_test"], "n_val": first["n_val"],
            "n_paired_train": first["n_paired_train"], "runs": runs}
@@ -74,6 +85,11 @@ def main() -> None:
               f"{r['mean_over_seeds']['new']:.3f} | {iv} | {ep} | {' / '.join(f'{s:.0f}' for s in r['train_seconds'])} |")
     print(f"nearest neighbour {b['nearest_neighbour']['all']:.3f} (new {b['nearest_neighbour']['new']:.3f}); "
           f"TinyLM with its own update {b['tinylm']['all']:.3f}; true LLM update (paired) {b['true']['paired']:.3f}")
+    for r in out["points"]:
+        for key in ("mean_of_seeds_minus_new", "mean_of_seeds_minus_all"):
+            if key in r:
+                print(f"{r['n_tiny_only']} TinyLM-only, mean of seeds minus, {key.rsplit('_', 1)[1]} test subsets: " + "; ".join(
+                    f"{b} {d['mean_diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (n {d['n']})" for b, d in r[key].items()))
     print("\n".join(per_task_table(out)))
 
 

@@ -260,7 +260,7 @@ def main() -> None:
                "n_test_examples": args.n_test, "fine_tune_costs": costs,
                "baselines": {name: group_means(v, new, has_true) for name, v in scores.items()},
                # per test subset, so any split can be recomputed: ids, mixtures, each baseline's accuracy
-               "test_subsets": te["subset_id"].tolist(), "test_mixtures": mixtures,
+               "test_subsets": te["subset_id"].tolist(), "test_mixtures": mixtures, "test_new": new,
                "baseline_accuracy_per_subset": scores,
                "baseline_per_task": {name: split_by_task(mixtures, v) for name, v in scores.items()},
                "points": points, "complete": len(points) == len(args.points), "provenance": provenance(cfg)}
