@@ -53,8 +53,8 @@ def merge(runs: dict[str, dict]) -> dict:
             rows[-1]["per_task"] = split_by_task(first["test_mixtures"], mean)
             # the mean over seeds against the organization's own TinyLM and against NN: on the new
             # combinations where the runs recorded which those are, else on every test subset
-            group = "new" if "test_new" in first else "all"
-            keep = first.get("test_new") or [True] * len(mean)
+            group = "new" if all("test_new" in r for r in runs.values()) else "all"
+            keep = first["test_new"] if group == "new" else [True] * len(mean)
             rows[-1][f"mean_of_seeds_minus_{group}"] = {
                 b: paired_bootstrap([a for a, f in zip(mean, keep) if f],
                                     [x for x, f in zip(first["baseline_accuracy_per_subset"][b], keep) if f])
