@@ -102,7 +102,17 @@ def is_file(location: str | os.PathLike) -> bool:
 def list_names(location: str | os.PathLike) -> list[str]:
     """Base names of the files directly inside a directory (empty if it does not exist)."""
     fs, path = resolve(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    for attempt in range(3):
+        try:
+            infos = fs.get_file_info(selector)
+            break
+        except FileNotFoundError:
+            # pyarrow raises despite allow_not_found when the directory or an entry appears or
+            # vanishes while it lists (a corpus being written by another process, seen in CI):
+            # list again; still failing, the directory is as good as not there
+            if attempt == 2:
+                return []
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 

@@ -142,6 +142,27 @@ def test_local_paths_and_file_uris_are_the_same_place(tmp_path, monkeypatch):
         storage.resolve("nosuch://x/y")
 
 
+def test_listing_a_directory_that_changes_while_listed_retries(tmp_path, monkeypatch):
+    # pyarrow can raise FileNotFoundError despite allow_not_found when the directory appears
+    # or vanishes mid-listing (a corpus build polled by a test); list_names lists again
+    storage.write_text(tmp_path / "a.txt", "x")
+    real = pafs.LocalFileSystem()
+    calls = {"n": 0}
+
+    class Racy:
+        def get_file_info(self, selector):
+            calls["n"] += 1
+            if calls["n"] <= failures:
+                raise FileNotFoundError("Cannot list directory")
+            return real.get_file_info(selector)
+
+    monkeypatch.setattr(storage, "resolve", lambda location: (Racy(), str(location)))
+    failures = 1
+    assert storage.list_names(tmp_path) == ["a.txt"] and calls["n"] == 2
+    calls["n"], failures = 0, 5
+    assert storage.list_names(tmp_path) == [] and calls["n"] == 3  # gives up: as good as not there
+
+
 @pytest.mark.ray
 def test_sweep_on_ray_with_corpus_results_and_best_config_on_s3(s3, pair_and_rows, ray_cluster):
     """Ray Tune's RunConfig gets the S3 location; trials read the corpus from S3."""
