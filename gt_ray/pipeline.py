@@ -84,7 +84,7 @@ def load_corpus_and_translator(cfg: ExperimentConfig, device: str | torch.device
     """
     corpus = Corpus(cfg.corpus_dir)
     return corpus, load_translator(translator_dir(cfg), expected_fingerprints=corpus.fingerprints, device=device,
-                                   tiny=lambda: load_card_side(corpus.card(), "tiny"))
+                                   tiny=card_tiny_once(corpus))
 
 
 def load_translators(cfg: ExperimentConfig, corpus: Corpus, device: str | torch.device = "cpu") -> dict:
@@ -96,9 +96,22 @@ def load_translators(cfg: ExperimentConfig, corpus: Corpus, device: str | torch.
     Raises:
         ValueError: a missing checkpoint (run `gt-ray translator train`) or one for other layouts.
     """
+    tiny = card_tiny_once(corpus)  # every seed's behaviour encoder shares one TinyLM
     return {s: load_translator(translator_dir(cfg, s), expected_fingerprints=corpus.fingerprints, device=device,
-                               tiny=lambda: load_card_side(corpus.card(), "tiny"))
+                               tiny=tiny)
             for s in translator_seeds(cfg)}
+
+
+def card_tiny_once(corpus: Corpus) -> Callable[[], Any]:
+    """Loads the card's TinyLM on the first call only (``input: behaviour`` checkpoints need it;
+    the encoders plug their updates in per call and write nothing into it, so they can share it)."""
+    loaded: list = []
+
+    def tiny():
+        if not loaded:
+            loaded.append(load_card_side(corpus.card(), "tiny"))
+        return loaded[0]
+    return tiny
 
 
 def subset_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[list[int], list[int], list[int]]:

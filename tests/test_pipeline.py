@@ -85,7 +85,10 @@ def test_a_behaviour_input_translator_trains_translates_raw_updates_and_reloads_
     save_translator(translator, tmp_path / "ckpt", {"fingerprints": corpus.fingerprints})
     with pytest.raises(ValueError, match="reads the TinyLM's behaviour"):
         load_translator(tmp_path / "ckpt")
-    again = load_translator(tmp_path / "ckpt", expected_fingerprints=corpus.fingerprints,
-                            tiny=lambda: load_card_side(corpus.card(), "tiny"))
+    from gt_ray.pipeline import card_tiny_once
+
+    tiny = card_tiny_once(corpus)
+    again = load_translator(tmp_path / "ckpt", expected_fingerprints=corpus.fingerprints, tiny=tiny)
+    assert tiny() is again.input_encoder.encoder.tiny  # loaded once, shared by later encoders
     assert [p.prompt for p in again.input_encoder.prompts] == [p.prompt for p in enc.prompts]
     torch.testing.assert_close(again.translate(va["tiny"][:3]), y)
