@@ -114,15 +114,16 @@ def training_split(cfg, corpus, n_tiny_only: int) -> tuple[list[int], list[int],
     return paired_train, only_train, val_ids, test_ids
 
 
-def behaviour_inputs(corpus, train_ids, prompts: int, steps: int, rows: int | None = None):
+def behaviour_inputs(corpus, train_ids, prompts: int, steps: int, rows: int | None = None, tiny=None):
     """The rows' behaviour tokens as the pipeline's ``input: behaviour`` makes them
     (`gt_ray.pipeline.behaviour_input`: ``prompts`` probe prompts drawn from 4 public examples
     of each training subset, seed 0, ``steps`` greedy positions each), cut into ``rows`` input
-    tokens (default: one per prompt); a ``rows`` that does not divide the matrix exits at once."""
+    tokens (default: one per prompt); a ``rows`` that does not divide the matrix exits at once.
+    ``tiny``: the card's TinyLM when the caller has loaded it (else it is loaded here)."""
     cfg = TranslatorConfig(input="behaviour", behaviour_prompts=prompts, behaviour_steps=steps,
                            behaviour_rows=rows or prompts)
     try:
-        enc = behaviour_input(corpus, cfg, train_ids)
+        enc = behaviour_input(corpus, cfg, train_ids, tiny=tiny)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     drawn = enc.prompts
@@ -200,7 +201,7 @@ def main() -> None:
     tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row
     if args.inputs == "behaviour":
         code = behaviour_inputs(corpus, paired_train + only_train,
-                                args.probe_prompts, args.probe_steps, args.behaviour_rows)
+                                args.probe_prompts, args.probe_steps, args.behaviour_rows, tiny=tiny)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)
         model_cfg = model_cfg.with_layouts(L_tiny=va["tiny"].shape[1], d_tiny=va["tiny"].shape[2],

@@ -249,9 +249,11 @@ PROBE_EXAMPLES_PER_SUBSET = 4
 """``input: behaviour``: public examples of each training subset in the probe-prompt pool."""
 
 
-def behaviour_input(corpus: Corpus, model_cfg: TranslatorConfig, train_ids: list[int], seed: int = 0):
+def behaviour_input(corpus: Corpus, model_cfg: TranslatorConfig, train_ids: list[int], seed: int = 0,
+                    tiny=None):
     """The input encoder of ``input: behaviour`` (`gt_ray.translator.behaviour.BehaviourInput`):
-    the card's TinyLM, ``model_cfg.behaviour_prompts`` probe prompts drawn (``seed``) from
+    the card's TinyLM (``tiny`` when the caller has it loaded already; the encoder writes
+    nothing into it), ``model_cfg.behaviour_prompts`` probe prompts drawn (``seed``) from
     the first `PROBE_EXAMPLES_PER_SUBSET` public examples of each training subset.
 
     Raises:
@@ -264,7 +266,7 @@ def behaviour_input(corpus: Corpus, model_cfg: TranslatorConfig, train_ids: list
     specs, world = corpus.subset_specs(), corpus.task_config()
     pool = [ex for i in train_ids for ex in tasks.dataset_examples(specs[i], world)[:PROBE_EXAMPLES_PER_SUBSET]]
     lora = LoraSpec(**card.lora)
-    return BehaviourInput(load_card_side(card, "tiny"), draw_probe_prompts(pool, model_cfg.behaviour_prompts, seed),
+    return BehaviourInput(tiny if tiny is not None else load_card_side(card, "tiny"), draw_probe_prompts(pool, model_cfg.behaviour_prompts, seed),
                           model_cfg.behaviour_steps, model_cfg.behaviour_rows, lora.alpha / lora.rank)
 
 

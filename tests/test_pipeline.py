@@ -92,3 +92,8 @@ def test_a_behaviour_input_translator_trains_translates_raw_updates_and_reloads_
     assert tiny() is again.input_encoder.encoder.tiny  # loaded once, shared by later encoders
     assert [p.prompt for p in again.input_encoder.prompts] == [p.prompt for p in enc.prompts]
     torch.testing.assert_close(again.translate(va["tiny"][:3]), y)
+    from gt_ray.pipeline import behaviour_input
+
+    given = behaviour_input(corpus, model_cfg, train_ids, tiny=tiny())  # a caller's loaded TinyLM is used as is
+    assert given.encoder.tiny is tiny()
+    torch.testing.assert_close(given(va["tiny"][:3]), enc(va["tiny"][:3]))
