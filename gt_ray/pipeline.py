@@ -217,7 +217,7 @@ def function_objective(corpus: Corpus, train_ids: list[int], val_ids: list[int],
 
 
 def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Corpus, model_cfg: TranslatorConfig,
-        train_cfg: TrainConfig, **kwargs):
+        train_cfg: TrainConfig, features_cache: str | Path | None = None, **kwargs):
     """``train_translator`` on the split, scored by what the update does (validation answer NLL).
 
     Args:
@@ -225,6 +225,8 @@ def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Co
         train_ids, val_ids: their subset ids.
         corpus: the corpus (its card names the LLM).
         model_cfg, train_cfg: the settings (`resolve_settings`).
+        features_cache: ``input: behaviour``: a directory that keeps the rows' behaviour
+            tokens (`encode_rows`), so Tune trials and training seeds compute them once.
         **kwargs: passed to `gt_ray.translator.train.train_translator` (device, on_epoch,
             prepare_model, prepare_train_loader).
 
@@ -236,7 +238,8 @@ def fit(tr: dict, va: dict, train_ids: list[int], val_ids: list[int], corpus: Co
     x_tr, x_va, encoder = tr["tiny"], va["tiny"], None
     if model_cfg.input == "behaviour":  # the translator reads what each update makes the TinyLM do
         encoder = behaviour_input(corpus, model_cfg, train_ids)
-        x_tr, x_va = encode_rows(encoder, x_tr), encode_rows(encoder, x_va)
+        x_tr, x_va = encode_rows(encoder, x_tr, cache_dir=features_cache), encode_rows(encoder, x_va,
+                                                                                       cache_dir=features_cache)
         model_cfg = model_cfg.with_layouts(L_tiny=encoder.shape[0], d_tiny=encoder.shape[1],
                                            L_llm=model_cfg.L_llm, d_llm=model_cfg.d_llm)
     return train_translator(x_tr, tr["llm"], x_va, va["llm"], train_cfg, model_cfg,
@@ -270,8 +273,47 @@ def behaviour_input(corpus: Corpus, model_cfg: TranslatorConfig, train_ids: list
                           model_cfg.behaviour_steps, model_cfg.behaviour_rows, lora.alpha / lora.rank)
 
 
-def encode_rows(encoder, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """``encoder`` over raw updates ``(N, L, d)`` in chunks, with a progress line per ~10%."""
+def features_cache_dir(cfg: ExperimentConfig) -> Path:
+    """Where ``input: behaviour`` keeps computed behaviour tokens: ``{cache_dir}/behaviour``
+    (one safetensors file per distinct set of rows and encoder; safe to delete)."""
+    return Path(cfg.cache_dir).expanduser() / "behaviour"
+
+
+def encode_rows(encoder, x: torch.Tensor, chunk: int = 256, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """``encoder`` over raw updates ``(N, L, d)`` in chunks, with a progress line per ~10%.
+
+    With ``cache_dir``, the result is kept there under ``encoder.cache_key(x)`` and read back
+    by the next call with the same rows and encoder; an exclusive lock per key makes
+    concurrent callers (Tune trials, training seeds) wait for the first instead of all
+    computing it. An unreadable cached file is computed and written again."""
+    if cache_dir is None:
+        return _encode_rows(encoder, x, chunk)
+    import fcntl
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    root = Path(cache_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{encoder.cache_key(x)}.safetensors"
+    with open(path.with_suffix(".lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                out = load_file(str(path))["features"]
+                if out.shape == (x.shape[0], *encoder.shape):
+                    logger.info("behaviour inputs: %d updates read from %s", x.shape[0], path)
+                    return out
+            except (SafetensorError, OSError, KeyError) as e:
+                logger.warning("behaviour inputs: unreadable cache file %s (%s): computing again", path, e)
+        out = _encode_rows(encoder, x, chunk)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"features": out.contiguous()}, str(tmp))
+        tmp.replace(path)
+        return out
+
+
+def _encode_rows(encoder, x: torch.Tensor, chunk: int) -> torch.Tensor:
     out, step = [], max(chunk, (x.shape[0] // 10 // chunk + 1) * chunk)
     for c in range(0, x.shape[0], chunk):
         out.append(encoder(x[c:c + chunk]))

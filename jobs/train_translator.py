@@ -25,7 +25,7 @@ from gt_ray import storage
 from gt_ray.config import ExperimentConfig
 from gt_ray.yaml_io import config_hash, from_dict
 from gt_ray.corpus import Corpus
-from gt_ray.pipeline import fit, load_split, resolve_settings, translator_dir, translator_seeds
+from gt_ray.pipeline import features_cache_dir, fit, load_split, resolve_settings, translator_dir, translator_seeds
 from gt_ray.translator.checkpoint import read_metadata, save_translator
 from gt_ray.translator.config import TrainConfig, TranslatorConfig
 from jobs.common import UserError, base_parser, init_ray, kv, load_config, ray_storage, work_location
@@ -55,8 +55,8 @@ def translator_worker(config: dict) -> None:
         return False
 
     translator, history = fit(
-        tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch,
-        device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
+        tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, features_cache=features_cache_dir(cfg),
+        on_epoch=on_epoch, device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
         prepare_train_loader=ray.train.torch.prepare_data_loader)
     if rank == 0:
         # input_vectors: the service refuses inputs whose norm lies far outside what the corpus shows

@@ -24,7 +24,7 @@ from gt_ray import storage
 from gt_ray.config import ExperimentConfig
 from gt_ray.yaml_io import config_hash, from_dict
 from gt_ray.corpus import Corpus
-from gt_ray.pipeline import BEST_CONFIG_FILE, fit, load_split, resolve_settings
+from gt_ray.pipeline import BEST_CONFIG_FILE, features_cache_dir, fit, load_split, resolve_settings
 from gt_ray.translator.config import SweepConfig, TrainConfig, TranslatorConfig
 from jobs.common import UserError, init_ray, kv, ray_storage, work_location
 
@@ -74,7 +74,8 @@ def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict
         tune.report({"val_loss": val_loss if math.isfinite(val_loss) else 1e9, "train_loss": train_loss, "epoch": epoch})
         return False
 
-    fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, on_epoch=on_epoch, device=trial_device(cfg.sweep))
+    fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg, features_cache=features_cache_dir(cfg),
+        on_epoch=on_epoch, device=trial_device(cfg.sweep))
 
 
 def tune(cfg: ExperimentConfig, address: str | None = None) -> str:

@@ -70,8 +70,10 @@ def test_a_behaviour_input_translator_trains_translates_raw_updates_and_reloads_
     model_cfg = dataclasses.replace(model_cfg, input="behaviour", behaviour_prompts=6, behaviour_steps=2,
                                     behaviour_rows=2, d_model=32, d_ff=64, num_heads=2, num_layers=1)
     train_cfg = dataclasses.replace(train_cfg, objective="function", max_epochs=2, examples_per_subset=2, batch_size=8)
-    translator, history = fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg)
+    translator, history = fit(tr, va, train_ids, val_ids, corpus, model_cfg, train_cfg,
+                              features_cache=tmp_path / "features")
     assert len(history) == 2
+    assert len(list((tmp_path / "features").glob("*.safetensors"))) == 2  # training and validation rows
     enc = translator.input_encoder
     assert translator.config.input == "behaviour" and (translator.config.L_tiny, translator.config.d_tiny) == enc.shape
     assert enc.shape[0] == 2 and enc.shape[1] * 2 == 6 * 2 * enc.encoder.vocab  # 6 prompts x 2 steps, 2 tokens

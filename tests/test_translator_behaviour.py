@@ -76,3 +76,41 @@ def test_behaviour_input_cuts_the_matrix_into_rows_and_round_trips(tiny):
     with pytest.raises(ValueError, match="update layout"):
         BehaviourInput.from_dict({**enc.to_dict(), "update_shape": [1, 2]}, tiny)
     tiny.reset()
+
+
+def test_behaviour_tokens_are_cached_by_rows_and_encoder_and_recomputed_when_unreadable(tiny, tmp_path):
+    from gt_ray.pipeline import encode_rows
+    from gt_ray.translator.behaviour import BehaviourInput
+
+    enc = BehaviourInput(tiny, _prompts(4), steps=2, rows=2, scale=8.0)
+    torch.manual_seed(2)
+    updates = torch.randn(3, *tiny.layout.shape) * 0.3
+    calls = []
+
+    class Counting(BehaviourInput):
+        def __call__(self, x):
+            calls.append(x.shape[0])
+            return super().__call__(x)
+
+    counting = Counting.from_dict(enc.to_dict(), tiny)
+    first = encode_rows(counting, updates, cache_dir=tmp_path)
+    [cached] = list(tmp_path.glob("*.safetensors"))
+    from gt_ray.updates import apply_update
+
+    # another update written into the model's LoRA (score_update does that): the encoder
+    # bypasses the LoRA weights, so the key stays
+    apply_update(tiny.model, tiny.layout, tiny.init, torch.randn(*tiny.layout.shape))
+    torch.testing.assert_close(encode_rows(counting, updates, cache_dir=tmp_path), first)
+    assert calls == [3]  # read back, not computed
+    torch.testing.assert_close(first, enc(updates))
+    tiny.reset()
+    # other rows, other prompts or steps: other keys
+    assert enc.cache_key(updates[:2]) != enc.cache_key(updates)
+    assert enc.cache_key(updates + 1e-3) != enc.cache_key(updates)
+    assert BehaviourInput(tiny, _prompts(4)[::-1], steps=2, rows=2, scale=8.0).cache_key(updates) != enc.cache_key(updates)
+    assert BehaviourInput(tiny, _prompts(4), steps=1, rows=2, scale=8.0).cache_key(updates) != enc.cache_key(updates)
+    cached.write_bytes(b"not a safetensors file")
+    torch.testing.assert_close(encode_rows(counting, updates, cache_dir=tmp_path), first)
+    assert calls == [3, 3]  # computed again and rewritten
+    torch.testing.assert_close(encode_rows(counting, updates, cache_dir=tmp_path), first)
+    assert calls == [3, 3]

@@ -19,6 +19,8 @@ greedy decoding needs no padding.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 
@@ -141,6 +143,25 @@ class BehaviourInput:
         """(S, L_tiny, d_tiny) raw updates -> (S, rows, width) behaviour tokens, float32."""
         return self.encoder.features(updates).reshape(updates.shape[0], *self.shape)
 
+    def cache_key(self, updates: torch.Tensor) -> str:
+        """A key that changes whenever ``self(updates)`` could: the settings and prompts
+        (`to_dict`), the prompts' token ids, the TinyLM's weights outside its LoRA (which the
+        encoder bypasses) and its LoRA init, and the updates' shape and bytes."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.to_dict(), sort_keys=True).encode())
+        for pos, ids in self.encoder.groups:
+            h.update(json.dumps(pos).encode())
+            h.update(_raw_bytes(ids))
+        lm = self.encoder.tiny
+        for name, t in sorted(lm.model.state_dict().items()):
+            if "lora_" not in name:
+                h.update(name.encode())
+                h.update(_raw_bytes(t))
+        h.update(_raw_bytes(lm.init))
+        h.update(json.dumps(list(updates.shape)).encode())
+        h.update(_raw_bytes(updates))
+        return h.hexdigest()
+
     def to_dict(self) -> dict:
         """JSON-able: what `from_dict` needs beside the TinyLM."""
         return {"kind": self.KIND, "steps": self.steps, "rows": self.rows, "scale": self.scale,
@@ -159,3 +180,8 @@ class BehaviourInput:
             raise ValueError(f"the TinyLM's update layout {tuple(tiny.layout.shape)} differs from the "
                              f"checkpoint's {tuple(data['update_shape'])}")
         return cls(tiny, [Example(**p) for p in data["prompts"]], data["steps"], data["rows"], data["scale"])
+
+
+def _raw_bytes(t: torch.Tensor):
+    """A tensor's bytes as a buffer (no copy when it is contiguous on the CPU), any dtype."""
+    return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()
