@@ -138,6 +138,19 @@ def behaviour_inputs(corpus, train_ids, prompts: int, steps: int, rows: int | No
     return encode
 
 
+def update_and(encode):
+    """``--inputs both``: each row's raw update tokens, zero-padded to the width of
+    ``encode``'s tokens, followed by those tokens (one sequence the translator reads)."""
+    def both(batch):
+        extra = encode(batch)
+        raw = batch["tiny"].float()
+        if raw.shape[2] > extra.shape[2]:
+            raise SystemExit(f"error: --inputs both needs behaviour tokens at least as wide as the update's rows "
+                             f"({extra.shape[2]} < {raw.shape[2]}): lower --behaviour-rows")
+        return torch.cat([torch.nn.functional.pad(raw, (0, extra.shape[2] - raw.shape[2])), extra], dim=1)
+    return both
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.yaml")
@@ -149,9 +162,10 @@ def main() -> None:
                    help="subset-epochs per point (equal training compute): max epochs = ceil(budget / training subsets)")
     p.add_argument("--n-test", type=int, default=100, help="test examples per test subset")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--inputs", choices=["tinylm", "code", "behaviour"], default="tinylm",
+    p.add_argument("--inputs", choices=["tinylm", "code", "behaviour", "both"], default="tinylm",
                    help="what the translator reads: the TinyLM update, the oracle code of secrets and mixture, "
-                        "or the updated TinyLM's answers to public probe prompts")
+                        "the updated TinyLM's answers to public probe prompts, or both: the update's rows "
+                        "(zero-padded to the behaviour tokens' width) followed by the behaviour tokens")
     p.add_argument("--probe-prompts", type=int, default=64, help="probe prompts of --inputs behaviour")
     p.add_argument("--probe-steps", type=int, default=8, help="greedy answer positions per probe prompt")
     p.add_argument("--behaviour-rows", type=int, default=None,
@@ -169,8 +183,8 @@ def main() -> None:
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
     model_cfg, train_cfg, settings = resolve_settings(cfg, corpus)
-    if args.behaviour_rows is not None and (args.inputs != "behaviour" or args.behaviour_rows < 1):
-        raise SystemExit("error: --behaviour-rows needs --inputs behaviour and a positive count")
+    if args.behaviour_rows is not None and (args.inputs not in ("behaviour", "both") or args.behaviour_rows < 1):
+        raise SystemExit("error: --behaviour-rows needs --inputs behaviour or both and a positive count")
     if args.input_norm_eps is not None:
         model_cfg = dataclasses.replace(model_cfg, input_norm_eps=args.input_norm_eps)
     if args.epochs:
@@ -199,9 +213,11 @@ def main() -> None:
     code = (lambda rows: oracle_code(specs, rows["subset_id"], tuple(rows["tiny"].shape[1:]))) if args.inputs == "code" else None
     te_updates = te["tiny"].clone()
     tiny = load_card_side(card, "tiny")  # the organization's own updated TinyLM is a row
-    if args.inputs == "behaviour":
+    if args.inputs in ("behaviour", "both"):
         code = behaviour_inputs(corpus, paired_train + only_train,
                                 args.probe_prompts, args.probe_steps, args.behaviour_rows, tiny=tiny)
+        if args.inputs == "both":
+            code = update_and(code)
     if code is not None:
         va["tiny"], te["tiny"] = code(va), code(te)
         model_cfg = model_cfg.with_layouts(L_tiny=va["tiny"].shape[1], d_tiny=va["tiny"].shape[2],
@@ -246,7 +262,7 @@ def main() -> None:
         mean_acc = [statistics.fmean(r["accuracy"][i] for r in runs) for i in range(len(tests))]
         points.append(summarize_point(n, len(paired_train), runs, mean_acc, scores, new, has_true, costs, mixtures))
         probe = ({"prompts": args.probe_prompts, "steps": args.probe_steps, "rows": args.behaviour_rows,
-                  "input_norm_eps": args.input_norm_eps} if args.inputs == "behaviour" else None)
+                  "input_norm_eps": args.input_norm_eps} if args.inputs in ("behaviour", "both") else None)
         out = {"config": args.config, "inputs": args.inputs, "snapshot_stride": args.snapshot_stride, "probe": probe,
                "seeds": args.seeds, "subset_budget": args.subset_budget,
                "max_epochs": train_cfg.max_epochs, "patience": train_cfg.patience,
