@@ -78,6 +78,22 @@ def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict
         on_epoch=on_epoch, device=trial_device(cfg.sweep))
 
 
+def search_space(sw: SweepConfig) -> dict:
+    """The trials' search space (import after `init_ray`: it imports ray.tune)."""
+    from ray import tune as rtune
+
+    return {"lr": rtune.loguniform(sw.lr[0], sw.lr[1]), "d_model": rtune.choice(sw.d_model),
+            "num_layers": rtune.choice(sw.num_layers), "dropout": rtune.choice(sw.dropout),
+            "batch_size": rtune.choice(sw.batch_size)}
+
+
+def search_algorithm(sw: SweepConfig):
+    """Random search seeded by ``sweep.seed``: the same config draws the same trials."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sw.seed)
+
+
 def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     """Run the sweep and write the best config YAML."""
     try:
@@ -91,9 +107,7 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     from ray.tune.schedulers import ASHAScheduler
 
     sw = cfg.sweep
-    space = {"lr": rtune.loguniform(sw.lr[0], sw.lr[1]), "d_model": rtune.choice(sw.d_model),
-             "num_layers": rtune.choice(sw.num_layers), "dropout": rtune.choice(sw.dropout),
-             "batch_size": rtune.choice(sw.batch_size)}
+    space = search_space(sw)
     trainable = rtune.with_resources(
         rtune.with_parameters(tune_trial, experiment=dataclasses.asdict(cfg), corpus_dir=storage.absolute(cfg.corpus_dir),
                               base_model=model_cfg.to_dict(), base_train=train_cfg.to_dict()),
@@ -105,7 +119,7 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
                                      max_concurrent_trials=sw.max_concurrent_trials, trial_name_creator=trial_name,
                                      trial_dirname_creator=trial_name,
                                      scheduler=ASHAScheduler(max_t=sw.max_epochs, grace_period=sw.grace_period),
-                                     search_alg=None),
+                                     search_alg=search_algorithm(sw)),
         run_config=rtune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1),
     )
     t0 = time.time()

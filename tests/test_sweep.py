@@ -1,4 +1,7 @@
-"""The sweep's resources come from the config: validation, per-trial resources, the device."""
+"""The sweep's resources come from the config: validation, per-trial resources, the device;
+its draws come from ``sweep.seed``."""
+
+import os
 
 import pytest
 import torch
@@ -6,7 +9,8 @@ import torch
 from gt_ray.config import ExperimentConfig
 from gt_ray.yaml_io import from_dict
 from gt_ray.translator.config import SweepConfig
-from jobs.tune_translator import trial_device, trial_resources
+from jobs.common import local_ray_env
+from jobs.tune_translator import search_algorithm, search_space, trial_device, trial_resources
 
 
 def test_sweep_resources_are_validated():
@@ -42,3 +46,25 @@ def test_real_scale_sweeps_run_on_gpus():
         sw = load_yaml(path).sweep
         assert sw.gpus_per_trial > 0 and trial_resources(sw)["gpu"] == sw.gpus_per_trial, path.name
         assert sw.cpus_per_trial <= 8 * min(1.0, sw.gpus_per_trial), f"{path.name}: a trial must fit its share of a GPU worker"
+
+
+def _draws(sw: SweepConfig) -> list[tuple]:
+    """The trials' configs the search draws for ``sw``, as Tune would start them."""
+    alg = search_algorithm(sw)
+    alg.add_configurations({"sweep": {"run": lambda config: None, "config": search_space(sw),
+                                      "num_samples": sw.num_samples}})
+    out = []
+    while (trial := alg.next_trial()) is not None:
+        out.append(tuple(trial.config[k] for k in ("lr", "d_model", "num_layers", "dropout", "batch_size")))
+    return out
+
+
+def test_the_search_draws_the_same_trials_for_the_same_seed():
+    for k, v in local_ray_env().items():  # what init_ray sets before ray is imported
+        os.environ.setdefault(k, v)
+    sw = SweepConfig(num_samples=4, lr=[3e-4, 3e-3])
+    first = _draws(sw)
+    assert len(first) == 4 and len({d[0] for d in first}) == 4
+    assert all(3e-4 <= d[0] <= 3e-3 for d in first)
+    assert _draws(sw) == first
+    assert [d[0] for d in _draws(SweepConfig(num_samples=4, lr=[3e-4, 3e-3], seed=1))] != [d[0] for d in first]
