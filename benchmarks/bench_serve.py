@@ -226,10 +226,9 @@ def main() -> None:
         bodies = [json.dumps({"vector_b64": base64.b64encode(f).decode()}).encode() for f in vector_files]
         content_type = "application/json"
 
-    from jobs.common import local_ray_env
+    from jobs.common import apply_local_ray_env
 
-    for key, value in local_ray_env().items():  # loopback only; must precede the ray import
-        os.environ.setdefault(key, value)
+    apply_local_ray_env()  # loopback only; must precede the ray import
     import ray
     from ray import serve
 

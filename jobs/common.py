@@ -168,7 +168,7 @@ class CpuMeter:
 def local_ray_env() -> dict[str, str]:
     """Environment for the embedded local cluster: loopback only, no auth, no usage stats.
 
-    Applied by :func:`init_local_ray` before ray is imported (see docs/cluster.md, "Local runs").
+    Applied by :func:`apply_local_ray_env` before ray is imported (see docs/cluster.md, "Local runs").
     """
     return {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -182,6 +182,12 @@ def local_ray_env() -> dict[str, str]:
     }
 
 
+def apply_local_ray_env() -> None:
+    """Set :func:`local_ray_env` in ``os.environ`` where unset; must precede the ray import."""
+    for k, v in local_ray_env().items():
+        os.environ.setdefault(k, v)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: str | None = None):
     """Connect to ``address`` (a real cluster, or RAY_ADDRESS), or start a local one.
 
@@ -189,8 +195,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, temp_dir: 
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if address is None:
-        for k, v in local_ray_env().items():
-            os.environ.setdefault(k, v)
+        apply_local_ray_env()
     import ray
 
     if ray.is_initialized():

@@ -1,16 +1,14 @@
 """The sweep's resources come from the config: validation, per-trial resources, the device;
 its draws come from ``sweep.seed``."""
 
-import os
-
 import pytest
 import torch
 
 from gt_ray.config import ExperimentConfig
 from gt_ray.yaml_io import from_dict
 from gt_ray.translator.config import SweepConfig
-from jobs.common import local_ray_env
-from jobs.tune_translator import search_algorithm, search_space, trial_device, trial_resources
+from jobs.common import apply_local_ray_env
+from jobs.tune_translator import SEARCH_KEYS, search_algorithm, search_space, trial_device, trial_resources
 
 
 def test_sweep_resources_are_validated():
@@ -55,13 +53,12 @@ def _draws(sw: SweepConfig) -> list[tuple]:
                                       "num_samples": sw.num_samples}})
     out = []
     while (trial := alg.next_trial()) is not None:
-        out.append(tuple(trial.config[k] for k in ("lr", "d_model", "num_layers", "dropout", "batch_size")))
+        out.append(tuple(trial.config[k] for k in SEARCH_KEYS))
     return out
 
 
 def test_the_search_draws_the_same_trials_for_the_same_seed():
-    for k, v in local_ray_env().items():  # what init_ray sets before ray is imported
-        os.environ.setdefault(k, v)
+    apply_local_ray_env()  # as init_ray does before ray is imported
     sw = SweepConfig(num_samples=4, lr=[3e-4, 3e-3])
     first = _draws(sw)
     assert len(first) == 4 and len({d[0] for d in first}) == 4
