@@ -17,7 +17,7 @@ from typing import Any
 from gt_ray import storage
 from gt_ray.config import ExperimentConfig, load_yaml
 
-DEFAULT_CONFIG = "configs/tiny.yaml"
+DEFAULT_CONFIG = "configs/default.yaml"
 
 
 class UserError(Exception):

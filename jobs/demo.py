@@ -1,6 +1,6 @@
 """The main job: the whole Grad-Transformer pipeline at the configured scale.
 
-    gt-ray demo                      # configs/tiny.yaml on an embedded local Ray cluster
+    gt-ray demo                      # configs/default.yaml on an embedded local Ray cluster
     gt-ray demo --config configs/ci.yaml
     gt-ray demo --rerun eval         # recompute a stage (and what reads its output) after a code change
 
