@@ -56,7 +56,9 @@ def trial_device(sw: SweepConfig) -> torch.device:
 
 def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict, base_train: dict) -> None:
     """One Tune trial: train a translator with the trial's hyperparameters, report val_loss
-    (the validation subsets' answer NLL with the decoded update) per epoch."""
+    per epoch: the training loop's selection criterion on the validation subsets (with
+    ``translator.train.select_on: accuracy``, one minus exact-match accuracy with the decoded
+    update, the answer NLL breaking ties; with ``nll``, the answer NLL)."""
     from ray import tune
 
     cfg: ExperimentConfig = from_dict(ExperimentConfig, experiment)
