@@ -296,20 +296,14 @@ class Corpus:
                 raise ValueError(f"corpus shard {name} is missing")
             if verify and storage.sha256(storage.join(self.uri, name)) != info["sha256"]:
                 raise ValueError(f"corpus shard {name} is corrupt: sha256 differs from the manifest")
-        meta = _schema_meta(self._dataset().schema, MANIFEST)
+        fs, root = storage.resolve(self.uri)
+        self.dataset = pads.dataset([posixpath.join(root, n) for n in sorted(self.manifest["shards"])],
+                                    format="parquet", filesystem=fs)
+        meta = _schema_meta(self.dataset.schema, MANIFEST)
         self.tiny_shape = tuple(meta["tiny_shape"])
         self.llm_shape = tuple(meta["llm_shape"])
         self.card_id = meta["card_id"]
         self.fingerprints = {"tiny": meta["tiny_fingerprint"], "llm": meta["llm_fingerprint"]}
-
-    def _dataset(self) -> pads.Dataset:
-        """The shards as a pyarrow Dataset, opened per call and never kept: a Dataset freed
-        late, from a Ray Tune trial's thread while its actor exits (Tune stops a trial by
-        raising SystemExit in it and does not wait), makes pyarrow abort the process
-        (apache/arrow#45017)."""
-        fs, root = storage.resolve(self.uri)
-        return pads.dataset([posixpath.join(root, n) for n in sorted(self.manifest["shards"])], format="parquet",
-                            filesystem=fs)
 
     @property
     def all_subset_ids(self) -> list[int]:
@@ -332,7 +326,7 @@ class Corpus:
         its rows: the provider owns these examples and regenerates them from the spec."""
         cols = ["subset_id", "secret_k", "mixture", "secrets", "data_seed", "n_examples"]
         out = {}
-        for r in self._dataset().to_table(columns=cols).to_pylist():
+        for r in self.dataset.to_table(columns=cols).to_pylist():
             if r["subset_id"] not in out:
                 out[r["subset_id"]] = tasks.DatasetSpec(SHADOW_SPLIT, r["secret_k"], json.loads(r["mixture"]), r["n_examples"],
                                                         r["data_seed"], json.loads(r["secrets"]))

@@ -126,20 +126,6 @@ def test_schema_metadata_has_shapes(built):
     assert meta["tiny_shape"] == [2, 256] and meta["llm_shape"] == [3, 320]
 
 
-def test_a_corpus_keeps_no_pyarrow_dataset_alive(built):
-    """A Corpus opens its shards' pyarrow Dataset per call and drops it: one kept alive by a
-    Ray Tune trial's frames is freed while the trial's actor exits, and pyarrow aborts it
-    (SIGABRT, apache/arrow#45017). Reading still works after the calls that open one."""
-    import pyarrow.dataset as pads
-
-    out, produced = built
-    c = Corpus(out)
-    specs = c.subset_specs()
-    assert sorted(specs) == sorted(produced) and c.tiny_shape == (2, 256)
-    assert not any(isinstance(v, pads.Dataset) for v in vars(c).values())
-    assert c.load([min(produced)])["tiny"].shape[1:] == (2, 256)
-
-
 def test_completed_subsets_ignores_temporary_files(tmp_path):
     (tmp_path / ".shard-00003.parquet.tmp-abcd").write_bytes(b"half")
     (tmp_path / "shard-00001.parquet").write_bytes(b"x")
