@@ -13,8 +13,10 @@ has one; ``sweep.max_concurrent_trials`` run at once, whatever the cluster holds
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import threading
 import time
 
 import torch
@@ -54,6 +56,25 @@ def trial_device(sw: SweepConfig) -> torch.device:
     return torch.device("cuda")
 
 
+TRIAL_EXIT_JOIN_S = 30.0
+
+
+def join_this_thread_at_exit() -> None:
+    """Make the process wait, at exit, for the calling (trial) thread to finish.
+
+    Tune stops a function trial by raising SystemExit in its thread (in ``tune.report``) and
+    lets the actor exit without waiting for that thread; the thread then frees the trial's
+    tensors and corpus while the interpreter finalizes, and a free that releases the GIL
+    (a torch tensor, a pyarrow Dataset) makes the process abort (SIGABRT and a native stack
+    in the user's log after every stopped trial; apache/arrow#45017). ``atexit`` runs before
+    finalization starts, so joining the thread there lets it finish first (at most
+    ``TRIAL_EXIT_JOIN_S``). Nothing is registered from the main thread.
+    """
+    thread = threading.current_thread()
+    if thread is not threading.main_thread():
+        atexit.register(thread.join, TRIAL_EXIT_JOIN_S)
+
+
 def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict, base_train: dict) -> None:
     """One Tune trial: train a translator with the trial's hyperparameters, report val_loss
     per epoch: the training loop's selection criterion on the validation subsets (with
@@ -61,6 +82,7 @@ def tune_trial(config: dict, experiment: dict, corpus_dir: str, base_model: dict
     update, the answer NLL breaking ties; with ``nll``, the answer NLL)."""
     from ray import tune
 
+    join_this_thread_at_exit()
     cfg: ExperimentConfig = from_dict(ExperimentConfig, experiment)
     torch.set_num_threads(max(1, int(cfg.sweep.cpus_per_trial)))
     corpus = Corpus(corpus_dir, verify=False)

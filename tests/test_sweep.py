@@ -1,6 +1,8 @@
 """The sweep's resources come from the config: validation, per-trial resources, the device;
 its draws come from ``sweep.seed``."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from gt_ray.yaml_io import from_dict
 from gt_ray.translator.config import SweepConfig
 from jobs.common import apply_local_ray_env
 from jobs.tune_translator import SEARCH_KEYS, search_algorithm, search_space, trial_device, trial_resources
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sweep_resources_are_validated():
@@ -65,3 +69,31 @@ def test_the_search_draws_the_same_trials_for_the_same_seed():
     assert all(3e-4 <= d[0] <= 3e-3 for d in first)
     assert _draws(sw) == first
     assert [d[0] for d in _draws(SweepConfig(num_samples=4, lr=[3e-4, 3e-3], seed=1))] != [d[0] for d in first]
+
+
+def test_a_trial_thread_is_joined_before_the_process_exits(tmp_path):
+    """Tune stops a trial by raising SystemExit in its (daemon) thread and lets the actor
+    exit; the process must wait for that thread to finish freeing its objects (freed during
+    finalization they abort the process). A daemon thread that registered itself finishes
+    its work after the main thread has returned; one that did not is cut off."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, threading, time
+from jobs.tune_translator import join_this_thread_at_exit
+
+def trial(path, register):
+    if register:
+        join_this_thread_at_exit()
+    time.sleep(1.0)
+    open(path, "w").write("finished")
+
+threading.Thread(target=trial, args=(sys.argv[1], sys.argv[2] == "1"), daemon=True).start()
+time.sleep(0.2)
+"""
+    for register in ("1", "0"):
+        out = tmp_path / f"done-{register}"
+        subprocess.run([sys.executable, "-c", script, str(out), register], cwd=ROOT, check=True, timeout=120)
+        assert out.exists() == (register == "1"), register
+    assert (tmp_path / "done-1").read_text() == "finished"
