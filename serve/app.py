@@ -1,7 +1,7 @@
 """The provider service on Ray Serve: batched translation, aggregation rounds, PEFT export.
 
-    gt-ray serve --checkpoint runs/tiny/translator --card runs/tiny/pair_card.json \\
-        --tokens runs/tiny/tokens.json --state-dir runs/tiny/serve_state   # 127.0.0.1:8000
+    gt-ray serve --checkpoint runs/world_lengths/translator --card runs/world_lengths/pair_card.json \\
+        --tokens runs/world_lengths/tokens.json --state-dir runs/world_lengths/serve_state   # 127.0.0.1:8000
     serve run serve/config.yaml                                           # the same, from YAML
 
 Two deployments, one role each:

@@ -1,7 +1,7 @@
 """``gt-ray serve``: run the provider service, listening on 127.0.0.1 by default, until Ctrl-C.
 
-    gt-ray serve --checkpoint runs/tiny/translator --card runs/tiny/pair_card.json \\
-        --tokens runs/tiny/tokens.json --state-dir runs/tiny/serve_state \\
+    gt-ray serve --checkpoint runs/world_lengths/translator --card runs/world_lengths/pair_card.json \\
+        --tokens runs/world_lengths/tokens.json --state-dir runs/world_lengths/serve_state \\
         [--host 127.0.0.1 --port 8000] [--max-batch-size 8 --batch-wait-timeout-s 0.01] \\
         [--max-body-bytes N] [--outlier-factor 10] [--address ray://... | auto] [--num-cpus 2] [--temp-dir D]
 
