@@ -1,8 +1,6 @@
 """The sweep's resources come from the config: validation, per-trial resources, the device;
 its draws come from ``sweep.seed``."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,8 +9,7 @@ from gt_ray.yaml_io import from_dict
 from gt_ray.translator.config import SweepConfig
 from jobs.common import apply_local_ray_env
 from jobs.tune_translator import SEARCH_KEYS, search_algorithm, search_space, trial_device, trial_resources
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_sweep_resources_are_validated():
