@@ -148,10 +148,10 @@ def test_a_bad_base_is_refused(tmp_path):
         load_yaml(tmp_path / "d.yaml")
 
 
-def test_the_default_config_is_the_lengths_world_at_100_epochs():
+def test_the_default_config_is_the_lengths_world_at_150_epochs():
     """Every command's default config is the lengths world: the same pair, tasks, fine-tune
     and corpus as ``configs/world/lengths_scaling.yaml`` (so the two share runs/world_lengths'
-    pair and corpus), with the translator trained 100 epochs without early stopping."""
+    pair and corpus), with the translator trained 150 epochs without early stopping."""
     from jobs.common import DEFAULT_CONFIG
 
     default = load_yaml(ROOT / DEFAULT_CONFIG)
@@ -159,5 +159,5 @@ def test_the_default_config_is_the_lengths_world_at_100_epochs():
     for key in ("pair", "tasks", "finetune", "corpus", "eval", "work_dir"):
         assert getattr(default, key) == getattr(world, key), key
     assert default.tasks.names == ["shift", "mirror", "affine", "spell"] and default.corpus.n_tiny_only == 1000
-    assert default.translator.train.max_epochs == default.translator.train.patience == 100
+    assert default.translator.train.max_epochs == default.translator.train.patience == 150
     assert world.translator.train.max_epochs == 40 and default.translator.model == world.translator.model
