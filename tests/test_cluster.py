@@ -41,8 +41,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from gt_ray.config import load_yaml
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 BIN = Path(sys.executable).parent  # the venv's bin: ray, hadolint, gt-ray
 K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests are meant for

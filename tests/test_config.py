@@ -1,13 +1,10 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from gt_ray.config import (CollabConfig, CorpusConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
                            TranslatorSection, load_yaml)
 from gt_ray.yaml_io import from_dict
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))

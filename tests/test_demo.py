@@ -2,14 +2,13 @@
 that reuses every stage, and one with a changed evaluation key that re-runs only the evaluation."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from jobs import demo
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 

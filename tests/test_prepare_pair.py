@@ -1,14 +1,11 @@
 """The pair report: per task, and on organization-like mixtures (the conditioning check)."""
 
-from pathlib import Path
-
 import pytest
 
 from gt_ray.config import PairConfig, load_yaml
 from gt_ray.models import make_pair_card
 from jobs import prepare_pair
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_report_scores_tasks_and_mixtures_on_both_models(tiny_path, gqa_path, lora, tmp_path):

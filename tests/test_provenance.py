@@ -1,12 +1,10 @@
 """Every results file names the code and the config that produced it."""
 
 import subprocess
-from pathlib import Path
 
 from gt_ray.config import load_yaml
 from jobs.common import provenance
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_provenance_names_the_commit_and_the_config():

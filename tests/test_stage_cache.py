@@ -10,8 +10,8 @@ from gt_ray.config import ExperimentConfig, load_yaml
 from gt_ray.yaml_io import from_dict
 from jobs import demo
 from jobs.common import UserError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 AFTER_TRANSLATOR = ["translator", "translator_eval", "service_round", "eval"]
 
 
