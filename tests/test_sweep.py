@@ -1,6 +1,9 @@
 """The sweep's resources come from the config: validation, per-trial resources, the device;
 its draws come from ``sweep.seed``."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -73,9 +76,6 @@ def test_a_trial_thread_is_joined_before_the_process_exits(tmp_path):
     exit; the process must wait for that thread to finish freeing its objects (freed during
     finalization they abort the process). A daemon thread that registered itself finishes
     its work after the main thread has returned; one that did not is cut off."""
-    import subprocess
-    import sys
-
     script = """
 import sys, threading, time
 from jobs.tune_translator import join_this_thread_at_exit
