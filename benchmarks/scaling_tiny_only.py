@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import statistics
 import sys
@@ -178,6 +179,9 @@ def main() -> None:
                    help="train on every k-th snapshot of each subset (the last kept); 1 = all")
     p.add_argument("--out", default="benchmarks/results/scaling_tiny_only.json")
     args = p.parse_args()
+    # one line per epoch from the training loop, so a long point shows its progress
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("gt_ray.translator.train").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     corpus = Corpus(cfg.corpus_dir)

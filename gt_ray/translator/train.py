@@ -390,7 +390,8 @@ def train_translator(
                     "seconds": time.perf_counter() - t0,
                 }
             )
-            logger.info("epoch=%d train_loss=%.6g val_loss=%.6g val_tf_loss=%.6g", epoch, train_loss, val_loss, val_tf)
+            logger.info("epoch=%d train_loss=%.6g val_loss=%.6g val_tf_loss=%.6g val_accuracy=%.3f epoch_seconds=%.0f",
+                        epoch, train_loss, val_loss, val_tf, val_acc, time.perf_counter() - t0)
             if not math.isfinite(train_loss):
                 logger.warning("training diverged at epoch %d (train_loss=%s); stopping", epoch, train_loss)
                 break
