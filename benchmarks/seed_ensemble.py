@@ -9,7 +9,10 @@ only (the test subsets and organizations stay untouched, so what this chooses is
 validation): each subset's last TinyLM snapshot is translated by every seed, and each
 generated update, the mean of the seeds' updates and the TinyLM's own update (on the card's
 TinyLM, what an organization has alone) are scored on ``--n-examples`` of the subset's
-``private_test`` examples. Accuracy per (task, secret) is the accuracy on a subset's
+``private_test`` examples. In weight space (`gt_ray.vector_metrics.weight_space`) it also
+reports how far apart the first two seeds' updates are (cosine) and how far the mean of
+their LoRA factors lands from the mean of their weight changes (LoRA is a product, so the
+two differ). Accuracy per (task, secret) is the accuracy on a subset's
 examples of that task, over the subsets where the task weighs at least ``--min-weight``,
 keyed by the canonical secret (`gt_ray.tasks.canonical_secret`). Prints the tables and
 writes JSON (default ``benchmarks/results/seed_ensemble.json``) with the git commit and
@@ -35,8 +38,9 @@ from gt_ray.evaluate import score_model  # noqa: E402
 from gt_ray.models import load_card_side  # noqa: E402
 from gt_ray.pipeline import final_rows, load_rows, load_translators, translator_split  # noqa: E402
 from gt_ray.stats import paired_bootstrap  # noqa: E402
-from gt_ray.updates import apply_update  # noqa: E402
 from gt_ray.corpus import Corpus  # noqa: E402
+from gt_ray.updates import apply_update  # noqa: E402
+from gt_ray.vector_metrics import weight_space  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
 
 
@@ -51,6 +55,26 @@ def per_task_scores(lm, update: torch.Tensor, examples: list[tasks.Example]) -> 
     for name, exs in by_task.items():
         out[name] = score_model(lm.model, lm.tokenizer, exs).accuracy
     return out
+
+
+def flat_weight_change(update: torch.Tensor, lm, scale: float) -> torch.Tensor:
+    """Every LoRA module's weight change of ``update`` on ``lm``'s card init, concatenated."""
+    return torch.cat([w.flatten() for w in weight_space(update, lm.init, lm.layout, scale).values()])
+
+
+def weight_space_spread(pred: dict[str, torch.Tensor], lm, scale: float) -> dict[str, float]:
+    """Per subset, cos(delta W of seed a, delta W of seed b) for the first two seeds, and
+    |delta W(mean of their factors) - mean of their delta W| / |mean of their delta W|;
+    the means over subsets."""
+    (a, pa), (b, pb) = list(pred.items())[:2]
+    cos, gap = [], []
+    for ua, ub in zip(pa, pb):
+        wa, wb = flat_weight_change(ua, lm, scale), flat_weight_change(ub, lm, scale)
+        wm, mean = flat_weight_change((ua + ub) / 2, lm, scale), (wa + wb) / 2
+        cos.append(float(torch.nn.functional.cosine_similarity(wa, wb, dim=0)))
+        gap.append(float((wm - mean).norm() / mean.norm()))
+    return {"seeds": f"{a} / {b}", "cosine_mean": round(statistics.fmean(cos), 4), "cosine_min": round(min(cos), 4),
+            "factor_mean_vs_weight_mean_rel": round(statistics.fmean(gap), 4)}
 
 
 def secret_table(specs: list, scores: list[dict[str, float]], min_weight: float) -> dict[str, dict]:
@@ -96,6 +120,8 @@ def main() -> None:
     llm, tiny = load_card_side(card, "llm"), load_card_side(card, "tiny")
 
     preds = {f"seed {s}": t.translate(va["tiny"]) for s, t in translators.items()}
+    lora = card.lora
+    spread = weight_space_spread(preds, llm, lora["alpha"] / lora["rank"])
     preds["mean of seeds' updates"] = torch.stack(list(preds.values())).mean(0)
     for name, u in preds.items():
         if not torch.isfinite(u).all() or u.abs().sum() == 0:
@@ -114,7 +140,7 @@ def main() -> None:
     out = {"config": args.config, "work_dir": str(cfg.work_dir), "n_val_subsets": len(subset_ids),
            "val_subsets": subset_ids, "n_examples": args.n_examples, "min_weight": args.min_weight,
            "accuracy": {n: round(statistics.fmean(overall(n)), 4) for n in scores},
-           "ensemble_minus_mean_of_seeds": diff,
+           "ensemble_minus_mean_of_seeds": diff, "weight_space": spread,
            "per_secret": {n: secret_table(specs, scores[n], args.min_weight) for n in scores},
            "accuracy_per_subset": {n: overall(n) for n in scores},
            "provenance": provenance(cfg)}
@@ -126,6 +152,8 @@ def main() -> None:
     for n, a in out["accuracy"].items():
         print(f"| {n} | {a:.3f} |")
     print(f"ensemble minus mean of seeds: {diff['mean_diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]")
+    print(f"weight space ({spread['seeds']}): cosine {spread['cosine_mean']:.3f} (min {spread['cosine_min']:.3f}); "
+          f"the factors' mean is {spread['factor_mean_vs_weight_mean_rel']:.3f} (relative) from the weight changes' mean")
     keys = sorted(out["per_secret"]["TinyLM (own update)"])
     cols = ["TinyLM (own update)", "mean of seeds' accuracy", "mean of seeds' updates"]
     print(f"\naccuracy per (task, secret), subsets where the task weighs >= {args.min_weight}")
