@@ -7,8 +7,10 @@ Reads the corpus and every seed's checkpoint (`translator.seeds`) of a finished
 `gt-ray translator train` in ``work_dir``, and scores the translator's *validation* subsets
 only (the test subsets and organizations stay untouched, so what this chooses is chosen on
 validation): each subset's last TinyLM snapshot is translated by every seed, and each
-generated update, the mean of the seeds' updates and the TinyLM's own update (on the card's
-TinyLM, what an organization has alone) are scored on ``--n-examples`` of the subset's
+generated update, the mean of the seeds' updates, the mean of their weight changes (rank 2r:
+no update of the card's layout holds it, so it is merged into the LLM's weights for the
+scoring) and the TinyLM's own update (on the card's TinyLM, what an organization has alone)
+are scored on ``--n-examples`` of the subset's
 ``private_test`` examples. In weight space (`gt_ray.vector_metrics.weight_space`) it also
 reports how far apart the first two seeds' updates are (cosine) and how far the mean of
 their LoRA factors lands from the mean of their weight changes (LoRA is a product, so the
@@ -57,9 +59,32 @@ def per_task_scores(lm, update: torch.Tensor, examples: list[tasks.Example]) -> 
     return out
 
 
+def per_task_scores_merged(lm, weight_change: dict[str, torch.Tensor], examples: list[tasks.Example]) -> dict[str, float]:
+    """:func:`per_task_scores` of a weight change that no rank-r LoRA holds: the LoRA is set
+    to the card's init and ``weight_change`` ({module key: delta W}, as
+    `gt_ray.vector_metrics.weight_space` returns) is added to the base weights for the
+    scoring, then taken off again."""
+    apply_update(lm.model, lm.layout, lm.init, torch.zeros_like(lm.init))
+    layers = {k: lm.model.get_submodule(k).base_layer.weight for k in weight_change}
+    with torch.no_grad():
+        for k, w in layers.items():
+            w += weight_change[k]
+        try:
+            return per_task_scores(lm, torch.zeros_like(lm.init), examples)
+        finally:
+            for k, w in layers.items():
+                w -= weight_change[k]
+
+
 def flat_weight_change(update: torch.Tensor, lm, scale: float) -> torch.Tensor:
     """Every LoRA module's weight change of ``update`` on ``lm``'s card init, concatenated."""
     return torch.cat([w.flatten() for w in weight_space(update, lm.init, lm.layout, scale).values()])
+
+
+def mean_weight_change(updates: list[torch.Tensor], lm, scale: float) -> dict[str, torch.Tensor]:
+    """{module key: the mean of ``updates``' weight changes on ``lm``'s card init}."""
+    changes = [weight_space(u, lm.init, lm.layout, scale) for u in updates]
+    return {k: torch.stack([c[k] for c in changes]).mean(0) for k in changes[0]}
 
 
 def weight_space_spread(pred: dict[str, torch.Tensor], lm, scale: float) -> dict[str, float]:
@@ -120,13 +145,18 @@ def main() -> None:
     llm, tiny = load_card_side(card, "llm"), load_card_side(card, "tiny")
 
     preds = {f"seed {s}": t.translate(va["tiny"]) for s, t in translators.items()}
-    lora = card.lora
-    spread = weight_space_spread(preds, llm, lora["alpha"] / lora["rank"])
+    scale = card.lora["alpha"] / card.lora["rank"]
+    seed_preds = list(preds.values())
+    spread = weight_space_spread(preds, llm, scale)
     preds["mean of seeds' updates"] = torch.stack(list(preds.values())).mean(0)
     for name, u in preds.items():
         if not torch.isfinite(u).all() or u.abs().sum() == 0:
             raise SystemExit(f"error: {name} generated a non-finite or zero update")
     scores = {name: [per_task_scores(llm, u, ex) for u, ex in zip(pred, examples)] for name, pred in preds.items()}
+    # the ensemble no rank-r update holds: the mean weight change, merged into the LLM's weights
+    scores["mean of seeds' weight changes (rank 2r, merged)"] = [
+        per_task_scores_merged(llm, mean_weight_change([p[i] for p in seed_preds], llm, scale), ex)
+        for i, ex in enumerate(examples)]
     scores["TinyLM (own update)"] = [per_task_scores(tiny, u, ex) for u, ex in zip(va["tiny"], examples)]
     seeds = [n for n in preds if n.startswith("seed ")]
     scores["mean of seeds' accuracy"] = [{k: statistics.fmean(scores[n][i][k] for n in seeds) for k in scores[seeds[0]][i]}
