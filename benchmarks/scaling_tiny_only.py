@@ -184,6 +184,7 @@ def main() -> None:
     logging.getLogger("gt_ray.translator.train").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
+    run_provenance = provenance(cfg)  # the code as it is when the run starts: edits during a long run do not count
     corpus = Corpus(cfg.corpus_dir)
     card = corpus.card()
     model_cfg, train_cfg, settings = resolve_settings(cfg, corpus)
@@ -284,7 +285,7 @@ def main() -> None:
                "test_subsets": te["subset_id"].tolist(), "test_mixtures": mixtures, "test_new": new,
                "baseline_accuracy_per_subset": scores,
                "baseline_per_task": {name: split_by_task(mixtures, v) for name, v in scores.items()},
-               "points": points, "complete": len(points) == len(args.points), "provenance": provenance(cfg)}
+               "points": points, "complete": len(points) == len(args.points), "provenance": run_provenance}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every point: a long run keeps what it did
         Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
     print(format_table(out))

@@ -125,6 +125,7 @@ def main() -> None:
     cfg = load_config(args.config)
     if args.work_dir:
         cfg = dataclasses.replace(cfg, work_dir=args.work_dir)
+    run_provenance = provenance(cfg)  # the code as it is when the run starts: edits during a long run do not count
     try:
         corpus = Corpus(cfg.corpus_dir)
         translators = load_translators(cfg, corpus)
@@ -173,7 +174,7 @@ def main() -> None:
            "ensemble_minus_mean_of_seeds": diff, "weight_space": spread,
            "per_secret": {n: secret_table(specs, scores[n], args.min_weight) for n in scores},
            "accuracy_per_subset": {n: overall(n) for n in scores},
-           "provenance": provenance(cfg)}
+           "provenance": run_provenance}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
 
