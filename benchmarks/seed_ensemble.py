@@ -36,11 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gt_ray import tasks  # noqa: E402
+from gt_ray.corpus import Corpus  # noqa: E402
 from gt_ray.evaluate import score_model  # noqa: E402
 from gt_ray.models import load_card_side  # noqa: E402
 from gt_ray.pipeline import final_rows, load_rows, load_translators, translator_split  # noqa: E402
 from gt_ray.stats import paired_bootstrap  # noqa: E402
-from gt_ray.corpus import Corpus  # noqa: E402
 from gt_ray.updates import apply_update  # noqa: E402
 from gt_ray.vector_metrics import weight_space  # noqa: E402
 from jobs.common import load_config, provenance  # noqa: E402
@@ -50,12 +50,12 @@ def per_task_scores(lm, update: torch.Tensor, examples: list[tasks.Example]) -> 
     """Exact-match accuracy of ``lm`` with ``update`` applied, on all examples ("all") and
     on each task's examples."""
     apply_update(lm.model, lm.layout, lm.init, update)
-    out = {"all": score_model(lm.model, lm.tokenizer, examples).accuracy}
     by_task: dict[str, list[tasks.Example]] = defaultdict(list)
     for ex in examples:
         by_task[ex.task].append(ex)
-    for name, exs in by_task.items():
-        out[name] = score_model(lm.model, lm.tokenizer, exs).accuracy
+    scores = {name: score_model(lm.model, lm.tokenizer, exs) for name, exs in by_task.items()}
+    out = {name: sc.accuracy for name, sc in scores.items()}
+    out["all"] = sum(sc.accuracy * sc.n for sc in scores.values()) / len(examples)  # each example scored once
     return out
 
 
@@ -64,7 +64,6 @@ def per_task_scores_merged(lm, weight_change: dict[str, torch.Tensor], examples:
     to the card's init and ``weight_change`` ({module key: delta W}, as
     `gt_ray.vector_metrics.weight_space` returns) is added to the base weights for the
     scoring, then taken off again."""
-    apply_update(lm.model, lm.layout, lm.init, torch.zeros_like(lm.init))
     layers = {k: lm.model.get_submodule(k).base_layer.weight for k in weight_change}
     with torch.no_grad():
         for k, w in layers.items():
