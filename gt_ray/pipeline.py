@@ -149,10 +149,15 @@ def load_rows(corpus: Corpus, subset_ids: list[int]) -> dict:
     if not ids_only:
         return paired
     only = corpus.load(ids_only, sides=("tiny",))
-    n = only["step"].shape[0]
-    only["llm"] = torch.zeros((n, *corpus.llm_shape))
+    n_paired, n = paired["step"].shape[0], only["step"].shape[0]
     only["paired"] = torch.zeros(n, dtype=torch.bool)
-    return {k: torch.cat([paired[k], only[k]]) for k in paired}
+    # one allocation for the LLM column, not a zeros block and its concatenated copy: at 2,000
+    # TinyLM-only subsets that copy was ~3 GB more at peak
+    llm = torch.zeros((n_paired + n, *corpus.llm_shape), dtype=paired["llm"].dtype)
+    llm[:n_paired] = paired.pop("llm")
+    rows = {k: torch.cat([paired[k], only[k]]) for k in paired}
+    rows["llm"] = llm
+    return rows
 
 
 def load_split(cfg: ExperimentConfig, corpus: Corpus) -> tuple[dict, dict, list[int], list[int]]:

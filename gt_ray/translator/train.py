@@ -104,6 +104,34 @@ def train_epoch(
     return total / max(count, 1)
 
 
+class _Rows(torch.utils.data.Dataset):
+    """Training rows (x, y, subset id, paired) whose normalized LLM targets are held for the
+    paired rows only: a TinyLM-only row's ``y`` is a zero placeholder that only the masked MSE
+    term reads, so thousands of TinyLM-only rows cost no (L_llm, d_llm) block each.
+
+    Args:
+        x: (N, L_tiny, d_tiny) normalized inputs.
+        y_paired: (P, L_llm, d_llm) normalized targets of the paired rows, in row order.
+        paired: (N,) bool with P True.
+        subsets: (N,) subset ids.
+    """
+
+    def __init__(self, x: torch.Tensor, y_paired: torch.Tensor, paired: torch.Tensor, subsets: torch.Tensor) -> None:
+        if int(paired.sum()) != y_paired.shape[0]:
+            raise ValueError(f"{int(paired.sum())} paired rows but {y_paired.shape[0]} targets")
+        self.x, self.y, self.subsets, self.paired = x, y_paired, subsets.long(), paired.float()
+        self.target_row = torch.full((x.shape[0],), -1, dtype=torch.long)  # row -> index into y, -1: none
+        self.target_row[paired] = torch.arange(y_paired.shape[0])
+        self.placeholder = torch.zeros(y_paired.shape[1:], dtype=y_paired.dtype)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        j = int(self.target_row[i])
+        return self.x[i], self.y[j] if j >= 0 else self.placeholder, self.subsets[i], self.paired[i]
+
+
 def _masked_mse(pred: torch.Tensor, y: torch.Tensor, paired: list[torch.Tensor]) -> torch.Tensor:
     """MSE over the rows whose LLM vector is real (all rows when no mask is given); 0 for a
     batch of TinyLM-only rows."""
@@ -331,9 +359,9 @@ def train_translator(
         model = prepare_model(core) if prepare_model is not None else core
         device = next(core.parameters()).device
         normalizer = normalizer.to(device)
-        train_set = TensorDataset(normalizer.normalize_x(train_x.float().to(device)).cpu(),
-                                  normalizer.normalize_y(train_y.float().to(device)).cpu(), train_subsets.long(),
-                                  train_paired.float())
+        train_set = _Rows(normalizer.normalize_x(train_x.float().to(device)).cpu(),
+                          normalizer.normalize_y(train_y[train_paired].float().to(device)).cpu(), train_paired,
+                          train_subsets)
         val_xn = normalizer.normalize_x(val_x.float().to(device)).cpu()
         val_set = TensorDataset(val_xn[val_paired], normalizer.normalize_y(val_y[val_paired].float().to(device)).cpu())
         generator = torch.Generator().manual_seed(cfg.seed)
