@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -7,12 +9,28 @@ from gt_ray.yaml_io import from_dict
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+# ``*_best.yaml``: translator settings (what `gt-ray translator tune` writes), read through a
+# config's ``translator.best_config``, not experiment configs.
+EXPERIMENT_CONFIGS = [p for p in sorted(ROOT.glob("configs/**/*.yaml")) if not p.name.endswith("_best.yaml")]
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_loads(path):
     cfg = load_yaml(path)
     assert isinstance(cfg, ExperimentConfig)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), "each config starts with a comment naming the command that uses it"
+    if cfg.translator.best_config:  # a committed one (relative to the repository root) applies to the config
+        best = yaml.safe_load((ROOT / cfg.translator.best_config).read_text())
+        assert best and set(best) <= {"model", "train"}
+        dataclasses.replace(cfg.translator.model, **best.get("model", {}))
+        dataclasses.replace(cfg.translator.train, **best.get("train", {}))
+
+
+def test_every_committed_best_config_is_read_by_a_config():
+    read = {load_yaml(p).translator.best_config for p in EXPERIMENT_CONFIGS}
+    for best in ROOT.glob("configs/**/*_best.yaml"):
+        assert str(best.relative_to(ROOT)) in read
 
 
 def test_unknown_key_names_its_path():
