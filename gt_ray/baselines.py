@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from gt_ray import storage
+from gt_ray.wire import safetensors_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -447,9 +449,7 @@ def save_baseline(baseline: Baseline, path: str | Path, metadata: Mapping[str, A
         raise ValueError(f"baseline config or metadata is not JSON-serializable: {err}") from err
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-    tmp.replace(path)
+    storage.write_bytes(path, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, header))
     logger.info("saved %s baseline to %s", baseline.kind, path)
     return path
 

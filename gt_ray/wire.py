@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes  # only through safetensors_bytes
 
 from gt_ray import storage
 from gt_ray.updates import UpdateLayout, validate_update
@@ -46,6 +46,21 @@ DEFAULT_OUTLIER_FACTOR = 10.0
 """A submitted vector's norm may lie this far outside the shadow corpus' range."""
 ROBUST_RULES = ("median", "trimmed_mean")
 """Aggregation rules that one outlier cannot move far (they may take outliers)."""
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save`` with the header in one order: the same tensors and metadata
+    give the same bytes (safetensors writes its metadata map in an order that changes from
+    call to call, so a file's sha256 would not identify its content). gt-ray's files with
+    more than one metadata key are written through here."""
+    blob = save_safetensors_bytes(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {**({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}), **dict(sorted(header.items()))}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text = text.ljust(-(-len(text) // 8) * 8, b" ")  # data offsets count from the header's end
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def _is_number(x: Any) -> bool:
@@ -144,7 +159,7 @@ def update_to_bytes(update: torch.Tensor, fingerprint: str, metadata: dict[str, 
     validate_update(update)
     meta = {"format": UPDATE_FORMAT, "fingerprint": fingerprint,
             "metadata": json.dumps(metadata or {}, sort_keys=True, default=str)}
-    return save_safetensors_bytes({UPDATE_TENSOR: update.detach().float().contiguous().cpu()}, metadata=meta)
+    return safetensors_bytes({UPDATE_TENSOR: update.detach().float().contiguous().cpu()}, metadata=meta)
 
 
 def save_update(path: str | Path, update: torch.Tensor, fingerprint: str, metadata: dict[str, Any] | None = None) -> Path:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from gt_ray.wire import UPDATE_FORMAT, parse_update_bytes, update_to_bytes
+from safetensors.torch import load as load_safetensors_bytes
+
+from gt_ray.wire import UPDATE_FORMAT, parse_update_bytes, safetensors_bytes, update_to_bytes
 from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound, write_norm_bound
 from tests.rounds_helpers import make_card, tiny_shape
 
@@ -72,3 +74,20 @@ def test_norm_bound_round_trips_beside_the_checkpoint(card, tmp_path):
     (tmp_path / NORM_BOUND_FILE).write_text("{}")
     with pytest.raises(ValueError, match="not a gt-ray input norm file"):
         load_norm_bound(tmp_path)
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes():
+    """safetensors writes its metadata map in a changing order (six orders of three keys in
+    30 calls here); a checkpoint's or update's sha256 must identify its content."""
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(5, dtype=torch.float16)}
+    meta = {"format": "pt", "normalization": "coordinate", "é": "x\n\"y\""}
+    raw = {save_safetensors_bytes(tensors, metadata=meta) for _ in range(30)}
+    ours = {safetensors_bytes(tensors, meta) for _ in range(30)}
+    assert len(raw) > 1 and len(ours) == 1
+    blob = ours.pop()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == meta
+    back = load_safetensors_bytes(blob)
+    assert set(back) == {"a", "b"} and torch.equal(back["b"], tensors["b"]) and torch.equal(back["a"], tensors["a"])
+    assert back["a"].dtype == torch.float16
+    assert safetensors_bytes(tensors) != safetensors_bytes({**tensors, "b": tensors["b"] + 1})

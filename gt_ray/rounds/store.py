@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from gt_ray import storage
 from gt_ray.privacy import UNIT_OF_PRIVACY
@@ -29,7 +28,8 @@ from gt_ray.rounds.spec import (ADAPTER_DIR, ADAPTER_ZIP, LOCK_FILE, RESULT_DIR,
                                 UnknownRoundError)
 from gt_ray.rounds.update import Translate, compute_round_update, write_stacked_adapter, zip_directory
 from gt_ray.updates import export_peft_adapter
-from gt_ray.wire import NormBound, check_id, check_update_content, parse_update_bytes, update_to_bytes
+from gt_ray.wire import (NormBound, check_id, check_update_content, parse_update_bytes, safetensors_bytes,
+                          update_to_bytes)
 
 if TYPE_CHECKING:
     from gt_ray.models import LoadedModel, PairCard
@@ -278,7 +278,7 @@ class RoundStore:
             meta = {"model_side": "llm", "card_id": self.card_id, "round_id": round_id, "orgs": orgs,
                     "rule": state.spec.rule, "mode": state.spec.mode}
             if out.translated is not None:
-                blob = save_safetensors_bytes({TRANSLATED_TENSOR: out.translated.contiguous()},
+                blob = safetensors_bytes({TRANSLATED_TENSOR: out.translated.contiguous()},
                                               metadata={"orgs": json.dumps(orgs), "fingerprint": self.llm_fingerprint,
                                                         "clipped": json.dumps(state.spec.weight_space
                                                                               and state.spec.clip_norm is not None)})

@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
-from safetensors.torch import save as save_safetensors_bytes
 from transformers import T5Config
 
 from gt_ray import storage
 from gt_ray.translator.config import TrainConfig, TranslatorConfig
 from gt_ray.translator.model import GradTransformer, Normalizer, Translator
-from gt_ray.wire import DEFAULT_OUTLIER_FACTOR, NormBound
+from gt_ray.wire import DEFAULT_OUTLIER_FACTOR, NormBound, safetensors_bytes
 
 if TYPE_CHECKING:
     from gt_ray.models import LoadedModel
@@ -107,7 +106,7 @@ def save_translator(
 
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in translator.state_dict().items()}
     file_metadata = {"format": "pt", "normalization": translator.normalizer.mode}
-    storage.write_bytes(storage.join(directory, MODEL_FILENAME), save_safetensors_bytes(tensors, metadata=file_metadata))
+    storage.write_bytes(storage.join(directory, MODEL_FILENAME), safetensors_bytes(tensors, metadata=file_metadata))
     if history is not None:
         # not storage.write_json: epochs hold NaN for figures a run does not compute (kept as written before)
         storage.write_text(storage.join(directory, HISTORY_FILENAME),
