@@ -23,7 +23,8 @@ upstream re-ran to the same output does not. The code version is not part of any
 fingerprint (the stamp records the commit that computed the output): after changing code,
 ``--rerun STAGE``. The stages' own caches stay underneath: the pretrained models
 (``cache_dir``), the corpus' finished shards (resumed; cleared first when a key other than
-the corpus' size changed) and the translator checkpoint's key.
+the corpus' size changed, or on ``--rerun corpus``) and the translator checkpoint's key
+(ignored on ``--rerun translator``).
 """
 
 from __future__ import annotations
@@ -399,7 +400,8 @@ def main(argv=None) -> None:
         stages.outputs["sweep"] = best_config_identity(cfg)
     else:
         stages.run(stages.check("sweep"), tune_translator.tune, cfg, args.address)
-    stages.run(stages.check("translator"), train_translator.train, cfg, args.address)
+    d = stages.check("translator")  # --rerun translator: after a code change, retrain even where the key matches
+    stages.run(d, train_translator.train, cfg, args.address, force="forced" in d.changed)
     d = stages.check("translator_eval")
     held = stages.run(d, eval_translator.evaluate, cfg, keep_result=True)
     if d.status == "cached":
