@@ -180,6 +180,24 @@ def final_rows(data: dict) -> dict:
 # ----------------------------------------------------------------------------- settings and training
 
 
+def apply_best_settings(cfg: ExperimentConfig, best: dict[str, Any], source: str = "the best config"
+                        ) -> tuple[TranslatorConfig, TrainConfig]:
+    """The config's translator model and train sections with a best YAML's ``model`` and
+    ``train`` values over them (what `gt-ray translator tune` writes; layouts not filled in).
+
+    Raises:
+        ValueError: keys other than ``model``/``train``, or settings those sections refuse,
+            named with ``source``.
+    """
+    if set(best) - {"model", "train"}:
+        raise ValueError(f"translator settings from {source}: unknown sections {sorted(set(best) - {'model', 'train'})}")
+    try:
+        return (dataclasses.replace(cfg.translator.model, **best.get("model", {})),
+                dataclasses.replace(cfg.translator.train, **best.get("train", {})))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"translator settings from {source}: {e}") from None
+
+
 def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorConfig, TrainConfig, dict[str, Any]]:
     """The model and train config: config values, overridden by the sweep's best YAML, with
     the corpus' layouts.
@@ -190,21 +208,16 @@ def resolve_settings(cfg: ExperimentConfig, corpus: Corpus) -> tuple[TranslatorC
     Raises:
         ValueError: a ``translator.best_config`` that does not exist, or bad settings.
     """
-    model, train = cfg.translator.model, cfg.translator.train
     best_path = best_config_location(cfg)
-    source = "config"
-    overrides: dict[str, Any] = {"model": {}, "train": {}}
+    source, best = "config", {}
     if storage.is_file(best_path):
-        best = yaml.safe_load(storage.read_text(best_path)) or {}
-        overrides = {"model": best.get("model", {}), "train": best.get("train", {})}
-        source = str(best_path)
+        best, source = yaml.safe_load(storage.read_text(best_path)) or {}, str(best_path)
     elif cfg.translator.best_config:
         raise ValueError(f"translator.best_config {best_path} does not exist (run `gt-ray translator tune`)")
     (L_t, d_t), (L_l, d_l) = corpus.tiny_shape, corpus.llm_shape
+    model, train_cfg = apply_best_settings(cfg, best, source)
     try:
-        model_cfg = dataclasses.replace(model, **overrides["model"]).with_layouts(d_tiny=d_t, L_tiny=L_t, d_llm=d_l,
-                                                                                 L_llm=L_l)
-        train_cfg = dataclasses.replace(train, **overrides["train"])
+        model_cfg = model.with_layouts(d_tiny=d_t, L_tiny=L_t, d_llm=d_l, L_llm=L_l)
     except (TypeError, ValueError) as e:
         raise ValueError(f"translator settings from {source}: {e}") from None
     return model_cfg, train_cfg, {"settings_source": source}

@@ -5,6 +5,7 @@ import yaml
 
 from gt_ray.config import (CollabConfig, CorpusConfig, DPConfig, ExperimentConfig, FinetuneConfig, HealConfig, LoraSpec, ModelSpec,
                            TranslatorSection, load_yaml)
+from gt_ray.pipeline import apply_best_settings
 from gt_ray.yaml_io import from_dict
 from tests.conftest import ROOT
 
@@ -22,9 +23,8 @@ def test_every_config_loads(path):
     assert first.startswith("#"), "each config starts with a comment naming the command that uses it"
     if cfg.translator.best_config:  # a committed one (relative to the repository root) applies to the config
         best = yaml.safe_load((ROOT / cfg.translator.best_config).read_text())
-        assert best and set(best) <= {"model", "train"}
-        dataclasses.replace(cfg.translator.model, **best.get("model", {}))
-        dataclasses.replace(cfg.translator.train, **best.get("train", {}))
+        model, train = apply_best_settings(cfg, best)
+        assert best and (model, train) != (cfg.translator.model, cfg.translator.train)
 
 
 def test_every_committed_best_config_is_read_by_a_config():
@@ -163,16 +163,31 @@ def test_a_bad_base_is_refused(tmp_path):
         load_yaml(tmp_path / "d.yaml")
 
 
-def test_the_default_config_is_the_lengths_world_at_150_epochs():
+def test_the_default_config_is_the_lengths_world_at_2000_subsets_and_50_epochs():
     """Every command's default config is the lengths world: the same pair, tasks, fine-tune
-    and corpus as ``configs/world/lengths_scaling.yaml`` (so the two share runs/world_lengths'
-    pair and corpus), with the translator trained 150 epochs without early stopping."""
+    and corpus as ``configs/world/lengths_2k.yaml`` (so the two share runs/world_lengths_2k's
+    pair and corpus), with the translator trained 50 epochs without early stopping, after the
+    sweep; ``lengths_2k_demo.yaml`` is the same with the sweep's choice fixed."""
     from jobs.common import DEFAULT_CONFIG
 
     default = load_yaml(ROOT / DEFAULT_CONFIG)
-    world = load_yaml(ROOT / "configs/world/lengths_scaling.yaml")
-    for key in ("pair", "tasks", "finetune", "corpus", "eval", "work_dir"):
+    world = load_yaml(ROOT / "configs/world/lengths_2k.yaml")
+    for key in ("pair", "tasks", "finetune", "corpus", "eval", "work_dir", "sweep"):
         assert getattr(default, key) == getattr(world, key), key
-    assert default.tasks.names == ["shift", "mirror", "affine", "spell"] and default.corpus.n_tiny_only == 1000
-    assert default.translator.train.max_epochs == default.translator.train.patience == 150
+    assert default.tasks.names == ["shift", "mirror", "affine", "spell"] and default.corpus.n_tiny_only == 2858
+    assert default.translator.train.max_epochs == default.translator.train.patience == 50
+    assert default.translator.best_config is None  # the demo runs the Ray Tune sweep
     assert world.translator.train.max_epochs == 40 and default.translator.model == world.translator.model
+    fixed = load_yaml(ROOT / "configs/world/lengths_2k_demo.yaml")
+    assert dataclasses.replace(fixed.translator, best_config=None) == default.translator
+
+
+def test_a_best_config_overrides_only_its_keys_and_refuses_what_does_not_fit():
+    cfg = load_yaml(ROOT / "configs/ci.yaml")
+    model, train = apply_best_settings(cfg, {"model": {"d_model": 48}, "train": {"lr": 0.002}})
+    assert (model.d_model, train.lr) == (48, 0.002)
+    assert model.num_layers == cfg.translator.model.num_layers and train.batch_size == cfg.translator.train.batch_size
+    with pytest.raises(ValueError, match=r"from my.yaml: unknown sections \['sweep'\]"):
+        apply_best_settings(cfg, {"sweep": {}}, "my.yaml")
+    with pytest.raises(ValueError, match="from my.yaml"):
+        apply_best_settings(cfg, {"train": {"learning_rate": 1.0}}, "my.yaml")
