@@ -191,3 +191,12 @@ def test_a_best_config_overrides_only_its_keys_and_refuses_what_does_not_fit():
         apply_best_settings(cfg, {"sweep": {}}, "my.yaml")
     with pytest.raises(ValueError, match="from my.yaml"):
         apply_best_settings(cfg, {"train": {"learning_rate": 1.0}}, "my.yaml")
+
+
+def test_serve_config_yaml_serves_what_the_default_demo_writes():
+    from jobs.common import DEFAULT_CONFIG
+
+    work = load_yaml(ROOT / DEFAULT_CONFIG).work_dir
+    (app,) = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"]
+    for key in ("checkpoint", "card", "tokens", "state_dir"):
+        assert app["args"][key].startswith(work.rstrip("/") + "/"), key
