@@ -1,4 +1,4 @@
-"""Search the translator's hyperparameters with Ray Tune (ASHA early stopping).
+"""Search the translator's hyperparameters with Ray Tune (ASHA early stopping, or none).
 
     gt-ray translator tune --config configs/tiny.yaml
 
@@ -111,6 +111,16 @@ def search_space(sw: SweepConfig) -> dict:
             "batch_size": rtune.choice(sw.batch_size)}
 
 
+def scheduler(sw: SweepConfig):
+    """ASHA early stopping, or none (``sweep.scheduler: fifo``: every trial to ``max_epochs``);
+    import after `init_ray`."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sw.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(max_t=sw.max_epochs, grace_period=sw.grace_period)
+
+
 def search_algorithm(sw: SweepConfig):
     """Random search seeded by ``sweep.seed``: the same config draws the same trials."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -128,7 +138,6 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     storage_path, storage_fs = ray_storage(work_location(cfg, "ray_results"))
     init_ray(address)  # before any other ray import: it fixes the local cluster's environment
     from ray import tune as rtune
-    from ray.tune.schedulers import ASHAScheduler
 
     sw = cfg.sweep
     space = search_space(sw)
@@ -142,7 +151,7 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
         tune_config=rtune.TuneConfig(metric="val_loss", mode="min", num_samples=sw.num_samples,
                                      max_concurrent_trials=sw.max_concurrent_trials, trial_name_creator=trial_name,
                                      trial_dirname_creator=trial_name,
-                                     scheduler=ASHAScheduler(max_t=sw.max_epochs, grace_period=sw.grace_period),
+                                     scheduler=scheduler(sw),
                                      search_alg=search_algorithm(sw)),
         run_config=rtune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=1),
     )

@@ -94,3 +94,30 @@ time.sleep(0.2)
         subprocess.run([sys.executable, "-c", script, str(out), register], cwd=ROOT, check=True, timeout=120)
         assert out.exists() == (register == "1"), register
     assert (tmp_path / "done-1").read_text() == "finished"
+
+
+def test_fifo_runs_every_trial_to_max_epochs_where_asha_stops_the_later_ones(ray_cluster, tmp_path):
+    """Four trials one at a time, each worse than the first: ASHA keeps the first to reach its
+    rung and stops the others there (the order decides); fifo trains all of them fully."""
+    from ray import tune
+
+    from jobs.tune_translator import scheduler
+
+    def trainable(config):
+        for epoch in range(4):
+            tune.report({"val_loss": config["x"] + (4 - epoch) * 0.01})
+
+    def epochs(kind: str) -> list[int]:
+        sw = SweepConfig(num_samples=1, max_epochs=4, grace_period=1, scheduler=kind)
+        tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}), param_space={"x": tune.grid_search([0, 1, 2, 3])},
+                           tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler(sw),
+                                                       max_concurrent_trials=1),
+                           run_config=tune.RunConfig(name=kind, storage_path=str(tmp_path), verbose=0))
+        results = tuner.fit()
+        return sorted(len(r.metrics_dataframe) for r in results)
+
+    assert epochs("fifo") == [4, 4, 4, 4]
+    asha = epochs("asha")
+    assert asha[-1] == 4 and asha[0] < 4
+    with pytest.raises(ValueError, match="scheduler must be one of asha, fifo, got 'hyperband'"):
+        SweepConfig(scheduler="hyperband")
