@@ -121,6 +121,15 @@ def scheduler(sw: SweepConfig):
     return ASHAScheduler(max_t=sw.max_epochs, grace_period=sw.grace_period)
 
 
+def best_val_loss(result) -> float:
+    """A trial's lowest validation loss over its epochs: what ``get_best_result(scope="all")``
+    chooses by (``result.metrics`` holds its last epoch's)."""
+    df = result.metrics_dataframe
+    if df is not None and "val_loss" in df and len(df):
+        return float(df["val_loss"].min())
+    return float((result.metrics or {}).get("val_loss", float("nan")))
+
+
 def search_algorithm(sw: SweepConfig):
     """Random search seeded by ``sweep.seed``: the same config draws the same trials."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -163,10 +172,11 @@ def tune(cfg: ExperimentConfig, address: str | None = None) -> str:
     best_doc = {"model": {"d_model": c["d_model"], "num_layers": c["num_layers"], "dropout": c["dropout"]},
                 "train": {"lr": float(c["lr"]), "batch_size": c["batch_size"]}}
     header = (f"# Written by `gt-ray translator tune` ({name}); read by `gt-ray translator train`.\n"
-              f"# best val_loss={best.metrics['val_loss']:.5f} over {len(results)} trials\n")
+              f"# best val_loss={best_val_loss(best):.5f} (its best epoch) over {len(results)} trials\n")
     storage.write_text(out, header + yaml.safe_dump(best_doc, sort_keys=True))
-    rows = sorted(((r.metrics or {}).get("val_loss", float("nan")), r.config) for r in results if r.metrics)
-    for loss, conf in rows:
-        kv(stage="sweep", val_loss=loss, **{k: conf[k] for k in SEARCH_KEYS})
+    rows = sorted(((best_val_loss(r), len(r.metrics_dataframe) if r.metrics_dataframe is not None else 0, r.config)
+                   for r in results if r.metrics), key=lambda row: row[:2])
+    for loss, epochs, conf in rows:  # what the choice compares: each trial's best epoch (scope="all")
+        kv(stage="sweep", val_loss=loss, epochs=epochs, **{k: conf[k] for k in SEARCH_KEYS})
     kv(stage="sweep", status="done", trials=len(results), seconds=round(time.time() - t0, 1), best=out)
     return out

@@ -98,26 +98,30 @@ time.sleep(0.2)
 
 def test_fifo_runs_every_trial_to_max_epochs_where_asha_stops_the_later_ones(ray_cluster, tmp_path):
     """Four trials one at a time, each worse than the first: ASHA keeps the first to reach its
-    rung and stops the others there (the order decides); fifo trains all of them fully."""
+    rung and stops the others there (the order decides); fifo trains all of them fully. A
+    trial's loss is its best epoch's, not its last."""
     from ray import tune
 
-    from jobs.tune_translator import scheduler
+    from jobs.tune_translator import best_val_loss, scheduler
 
     def trainable(config):
         for epoch in range(4):
-            tune.report({"val_loss": config["x"] + (4 - epoch) * 0.01})
+            tune.report({"val_loss": config["x"] + (0.04, 0.01, 0.02, 0.03)[epoch]})
 
-    def epochs(kind: str) -> list[int]:
+    def fit(kind: str):
         sw = SweepConfig(num_samples=1, max_epochs=4, grace_period=1, scheduler=kind)
         tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}), param_space={"x": tune.grid_search([0, 1, 2, 3])},
                            tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler(sw),
                                                        max_concurrent_trials=1),
                            run_config=tune.RunConfig(name=kind, storage_path=str(tmp_path), verbose=0))
-        results = tuner.fit()
-        return sorted(len(r.metrics_dataframe) for r in results)
+        return list(tuner.fit())
 
-    assert epochs("fifo") == [4, 4, 4, 4]
-    asha = epochs("asha")
+    fifo = fit("fifo")
+    assert sorted(len(r.metrics_dataframe) for r in fifo) == [4, 4, 4, 4]
+    for r in fifo:
+        assert r.metrics["val_loss"] == pytest.approx(r.config["x"] + 0.03)  # the last epoch
+        assert best_val_loss(r) == pytest.approx(r.config["x"] + 0.01)  # the best one
+    asha = sorted(len(r.metrics_dataframe) for r in fit("asha"))
     assert asha[-1] == 4 and asha[0] < 4
     with pytest.raises(ValueError, match="scheduler must be one of asha, fifo, got 'hyperband'"):
         SweepConfig(scheduler="hyperband")
