@@ -6,9 +6,8 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save as save_safetensors_bytes
-
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from gt_ray.wire import UPDATE_FORMAT, parse_update_bytes, safetensors_bytes, update_to_bytes
 from gt_ray.translator.checkpoint import NORM_BOUND_FILE, load_norm_bound, write_norm_bound

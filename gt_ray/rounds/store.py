@@ -279,9 +279,9 @@ class RoundStore:
                     "rule": state.spec.rule, "mode": state.spec.mode}
             if out.translated is not None:
                 blob = safetensors_bytes({TRANSLATED_TENSOR: out.translated.contiguous()},
-                                              metadata={"orgs": json.dumps(orgs), "fingerprint": self.llm_fingerprint,
-                                                        "clipped": json.dumps(state.spec.weight_space
-                                                                              and state.spec.clip_norm is not None)})
+                                         metadata={"orgs": json.dumps(orgs), "fingerprint": self.llm_fingerprint,
+                                                   "clipped": json.dumps(state.spec.weight_space
+                                                                         and state.spec.clip_norm is not None)})
                 storage.write_bytes(result_dir / TRANSLATED_FILE, blob, private=True)
                 result["translated_file"] = f"{RESULT_DIR}/{TRANSLATED_FILE}"
             if out.update is not None:
